@@ -1,0 +1,41 @@
+# Two entry points do all set-up on a fresh machine (see README.md):
+#   make demo   - the main job on the embedded CPU default (tiny model, synthetic data)
+#   make test   - the whole CPU test suite
+# Both create .venv (Python 3.11) when missing and install the pinned set from setup.py.
+
+PYTHON ?= $(shell command -v python3.11 || echo python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+# Re-install whenever setup.py changes.
+STAMP := $(VENV)/.installed-$(shell cksum setup.py | cut -d' ' -f1)
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-unit test-distributed test-gpu demo clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"need Python 3.11, .venv has {sys.version}"'
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[cpu,eval,data,test]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+test: venv
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-unit: venv
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-distributed: venv
+	$(PY) -m pytest tests/distributed $(PYTEST_ARGS)
+
+test-gpu: venv
+	$(PY) -m pytest tests/gpu $(PYTEST_ARGS)
+
+demo: venv
+	bash examples/run_visurf_tiny.sh
+
+clean:
+	rm -rf $(VENV) outputs runs .pytest_cache

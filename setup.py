@@ -1,0 +1,50 @@
+"""visurf_megatron: ViSurf post-training of Qwen2.5-VL on megatron-core.
+
+Version pins live here and nowhere else. The CPU/dev environment installs
+``.[cpu,eval,data,test]`` (see the Makefile); the GPU image installs ``.[gpu,eval,data]``
+on top of an NGC PyTorch image (see the Dockerfile).
+"""
+from setuptools import find_packages, setup
+
+# One transformers version for every environment: inside the range vLLM 0.33 accepts
+# (>=5.16.1,<5.21) and checked with torch 2.13 CPU + megatron-core 0.16.1.
+TRANSFORMERS = "transformers==5.20.2"
+
+setup(
+    name="visurf_megatron",
+    version="0.1.0",
+    description="ViSurf (supervised + reinforcement fine-tuning in one stage) for Qwen2.5-VL on megatron-core",
+    python_requires=">=3.11,<3.13",
+    packages=find_packages(include=["visurf_megatron", "visurf_megatron.*"]),
+    install_requires=[
+        # torch itself is pinned per environment: the `cpu` extra for dev/CI, the NGC image on GPU.
+        "torch>=2.13,<2.15",
+        "megatron-core==0.16.1",
+        TRANSFORMERS,
+        "safetensors==0.8.0",
+        "pyyaml==6.0.4",
+        "sentencepiece==0.2.3",
+        "tqdm==4.70.1",
+        "tensorboard==2.21.0",
+        "scipy==1.17.1",
+        "numpy==2.4.6",
+        "pillow==13.0.0",
+        # megatron's checkpoint writer processes import psutil; megatron-core does not declare it.
+        "psutil==7.2.2",
+    ],
+    extras_require={
+        "cpu": ["torch==2.13.0"],
+        # Transformer Engine must never be installed without CUDA: its import raises RuntimeError,
+        # which breaks `import megatron.core` itself.
+        "gpu": [
+            "transformer-engine[pytorch]>=2.9,<2.12",
+            "vllm==0.33.0",
+            "nvidia-modelopt",
+        ],
+        # sam2 must be installed with SAM2_BUILD_CUDA=0 --no-deps on CPU (see README).
+        "sam2": ["sam2==1.1.0", "hydra-core", "iopath"],
+        "eval": ["math-verify==0.9.0", "scikit-learn==1.9.1"],
+        "data": ["pyarrow==26.0.1", "datasets==5.2.0"],
+        "test": ["pytest==9.2.0", "pytest-timeout==2.4.0"],
+    },
+)

@@ -1,0 +1,132 @@
+"""Spawn a local world of N ranks (gloo on CPU), run one function on every rank, collect results.
+
+Used by the distributed tests and by the benchmarks. Each rank runs in its own process session so a
+timeout can kill the rank *and* anything it started (megatron's checkpoint writers, for instance,
+which otherwise keep a parent waiting forever).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import signal
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+
+class RankFailure(RuntimeError):
+    """A rank raised; the message carries that rank's traceback."""
+
+
+class WorldTimeout(RuntimeError):
+    """The world did not finish in time; every rank was killed."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(rank, world_size, port, fn, args, kwargs, results, env):
+    os.setsid()
+    os.environ.update(env)
+    if env.get("PYTHONWARNINGS") == "ignore":
+        import warnings
+
+        warnings.simplefilter("ignore")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    try:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        from visurf_megatron.runtime import init_distributed, teardown
+
+        init_distributed()
+        try:
+            value = fn(*args, **kwargs)
+        finally:
+            teardown()
+        results.put((rank, True, value))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent with its traceback
+        results.put((rank, False, traceback.format_exc()))
+
+
+def _kill(procs) -> None:
+    for proc in procs:
+        if proc.pid is None:
+            continue
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for proc in procs:
+        proc.join(timeout=5)
+
+
+def run_world(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout_s: float = 300.0,
+    env: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; return the per-rank results.
+
+    ``fn`` must be importable by name (module-level) because ranks are started with ``spawn``.
+    The first failing rank's traceback is raised as ``RankFailure`` after all ranks are stopped.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    rank_env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    procs = [
+        ctx.Process(
+            target=_rank_main,
+            args=(rank, world_size, port, fn, args, kwargs, results, rank_env),
+            daemon=False,
+        )
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + timeout_s
+    collected: dict[int, Any] = {}
+    try:
+        while len(collected) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WorldTimeout(
+                    f"world of {world_size} ranks running {getattr(fn, '__name__', fn)} "
+                    f"exceeded {timeout_s:.0f}s; finished ranks: {sorted(collected)}"
+                )
+            try:
+                rank, ok, value = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0) and i not in collected]
+                if dead:
+                    raise RankFailure(
+                        f"rank(s) {dead} died with exit code(s) {[procs[i].exitcode for i in dead]} "
+                        "before reporting"
+                    )
+                continue
+            if not ok:
+                raise RankFailure(f"rank {rank} failed:\n{value}")
+            collected[rank] = value
+    finally:
+        if len(collected) < world_size:
+            _kill(procs)
+        else:
+            for proc in procs:
+                proc.join(timeout=30)
+            _kill([p for p in procs if p.is_alive()])
+    return [collected[r] for r in range(world_size)]

@@ -3,7 +3,11 @@
 
 The directory loads with no network through
 ``transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(dir)``,
-``AutoTokenizer.from_pretrained(dir)`` and ``AutoProcessor.from_pretrained(dir)``. It holds:
+``AutoTokenizer.from_pretrained(dir)``, ``AutoImageProcessor.from_pretrained(dir)`` and, where
+torchvision is installed, ``AutoProcessor.from_pretrained(dir)``. transformers 5.20.2 cannot build any
+Qwen2-VL-family processor without torchvision (its video slot needs it, huggingface/transformers#48558),
+and torchvision cannot be installed beside the CPU torch 2.13 wheel; ``load_processor(dir)`` returns the
+same ``Qwen2_5_VLProcessor`` code path (image + text, no video processor) in that case. It holds:
 
 * ``config.json`` / ``generation_config.json`` (transformers' own layout: ``text_config`` and
   ``vision_config`` sub-dicts, ``tie_word_embeddings`` at the top level),
@@ -105,7 +109,7 @@ _CORPUS: tuple[str, ...] = (
     "first, then, the object, the image, the answer, the thinking, the output, the format.",
 )
 
-#: Number of BPE merges learnt (fewer if the corpus runs out of pairs seen at least twice).
+#: Number of BPE merges learnt (fewer only if the corpus runs out of adjacent pairs).
 DEFAULT_NUM_MERGES = 200
 
 
@@ -158,8 +162,6 @@ def train_bpe(corpus: Iterable[str] = _CORPUS, num_merges: int = DEFAULT_NUM_MER
         if not pairs:
             break
         best = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
-        if best[1] < 2:
-            break
         a, b = best[0]
         merged = a + b
         merges.append((a, b))
@@ -245,8 +247,11 @@ def default_mrope_section(head_dim: int) -> list[int]:
     return [t, h, w]
 
 
-def build_config(spec: TinySpec, token_ids: dict[str, int], dtype: torch.dtype = torch.float32):
-    """The ``Qwen2_5_VLConfig`` for ``spec``; ``token_ids`` maps special token strings to ids."""
+def build_config(
+    spec: TinySpec, token_ids: dict[str, int], tokenizer_len: int, dtype: torch.dtype = torch.float32
+):
+    """The ``Qwen2_5_VLConfig`` for ``spec``; ``token_ids`` maps the special token strings to ids and
+    ``tokenizer_len`` is the tokenizer's length (``spec.vocab_size`` must cover it)."""
     from transformers import Qwen2_5_VLConfig
 
     if spec.hidden % spec.heads:
@@ -273,8 +278,8 @@ def build_config(spec: TinySpec, token_ids: dict[str, int], dtype: torch.dtype =
     )
     if any(not 0 <= i < spec.vision_depth for i in fullatt):
         raise ValueError(f"fullatt_block_indexes {fullatt} out of range for depth {spec.vision_depth}")
-    if spec.vocab_size < token_ids["__len__"]:
-        raise ValueError(f"vocab_size {spec.vocab_size} < tokenizer length {token_ids['__len__']}")
+    if spec.vocab_size < tokenizer_len:
+        raise ValueError(f"vocab_size {spec.vocab_size} < tokenizer length {tokenizer_len}")
 
     eot, im_end = token_ids["<|endoftext|>"], token_ids["<|im_end|>"]
     cfg = Qwen2_5_VLConfig(
@@ -491,7 +496,6 @@ def make_tiny_checkpoint(
 
     tokenizer = build_tokenizer()
     token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    token_ids["__len__"] = len(tokenizer)
 
     spec = TinySpec(
         hidden=hidden,
@@ -509,7 +513,7 @@ def make_tiny_checkpoint(
         mrope_section=tuple(mrope_section) if mrope_section is not None else None,
         tied=tied,
     )
-    config = build_config(spec, token_ids, torch_dtype)
+    config = build_config(spec, token_ids, len(tokenizer), torch_dtype)
 
     model = Qwen2_5_VLForConditionalGeneration(config)
     init_weights(model, seed, std=init_std)
@@ -540,53 +544,57 @@ def _int_list(text: str) -> list[int]:
 def _parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Write a tiny random Qwen2.5-VL HF checkpoint (config, safetensors, locally trained "
-        "tokenizer, processor) that transformers loads with no network.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "tokenizer, processor) that transformers loads with no network."
     )
     p.add_argument("output_dir", help="directory to write the checkpoint into (created if missing)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (same seed -> same bytes)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights; same seed -> same bytes (%(default)s)")
     tie = p.add_mutually_exclusive_group()
     tie.add_argument("--tied", dest="tied", action="store_true", help="tie lm_head to the embeddings (like 3B)")
-    tie.add_argument("--untied", dest="tied", action="store_false", help="separate lm_head weight (like 7B+)")
+    tie.add_argument("--untied", dest="tied", action="store_false", help="own lm_head.weight (like 7B+; default)")
     p.set_defaults(tied=False)
-    p.add_argument("--hidden", type=int, default=64, help="text hidden size (also the merger's output size)")
-    p.add_argument("--layers", type=int, default=4, help="number of text decoder layers")
-    p.add_argument("--heads", type=int, default=4, help="text attention heads")
-    p.add_argument("--kv-heads", type=int, default=2, help="text key/value heads (GQA query groups)")
-    p.add_argument("--intermediate", type=int, default=128, help="text MLP intermediate size")
-    p.add_argument("--vocab-size", type=int, default=512, help="embedding rows; must be >= the tokenizer length")
-    p.add_argument("--vision-depth", type=int, default=4, help="number of vision transformer blocks")
-    p.add_argument("--vision-hidden", type=int, default=32, help="vision hidden size")
-    p.add_argument("--vision-heads", type=int, default=2, help="vision attention heads (head dim divisible by 4)")
-    p.add_argument("--vision-intermediate", type=int, default=64, help="vision MLP intermediate size")
-    p.add_argument("--window-size", type=int, default=56, help="vision window attention size in pixels")
+    sizes = [
+        ("--hidden", 64, "text hidden size, also the merger's output size"),
+        ("--layers", 4, "text decoder layers"),
+        ("--heads", 4, "text attention heads"),
+        ("--kv-heads", 2, "text key/value heads (GQA query groups)"),
+        ("--intermediate", 128, "text MLP intermediate size"),
+        ("--vocab-size", 512, "embedding rows; must be >= the tokenizer length"),
+        ("--vision-depth", 4, "vision transformer blocks"),
+        ("--vision-hidden", 32, "vision hidden size"),
+        ("--vision-heads", 2, "vision attention heads (vision head dim divisible by 4)"),
+        ("--vision-intermediate", 64, "vision MLP intermediate size"),
+        ("--window-size", 56, "vision window-attention size in pixels (multiple of 28)"),
+        ("--min-pixels", 56 * 56, "image processor min_pixels"),
+        ("--max-pixels", 28 * 28 * 256, "image processor max_pixels"),
+    ]
+    for flag, default, text in sizes:
+        p.add_argument(flag, type=int, default=default, help=f"{text} (%(default)s)")
     p.add_argument(
         "--fullatt-block-indexes",
         type=_int_list,
         default=None,
-        help="comma-separated vision blocks with full attention (default: every second block, 1,3,...)",
+        help="comma-separated vision blocks with full attention (unset: every second block, 1,3,...)",
     )
     p.add_argument(
         "--mrope-section",
         type=_int_list,
         default=None,
-        help="comma-separated t,h,w rotary sections summing to head_dim/2 (default: derived, e.g. 2,3,3)",
+        help="comma-separated t,h,w rotary sections summing to head_dim/2 (unset: derived, 2,3,3 for head_dim 16)",
     )
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the saved weights")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the saved weights (%(default)s)")
     p.add_argument(
         "--max-shard-size",
         default=None,
-        help="shard the safetensors at this size (e.g. 200KB) and write model.safetensors.index.json; "
-        "default: one model.safetensors",
+        help="shard the safetensors at this size (e.g. 200KB, or a byte count) and write "
+        "model.safetensors.index.json (unset: one model.safetensors)",
     )
-    p.add_argument("--init-std", type=float, default=0.02, help="std of the random weights and biases")
-    p.add_argument("--min-pixels", type=int, default=56 * 56, help="image processor min_pixels")
-    p.add_argument("--max-pixels", type=int, default=28 * 28 * 256, help="image processor max_pixels")
+    p.add_argument("--init-std", type=float, default=0.02, help="std of the random weights and biases (%(default)s)")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = _parse_args(argv)
+    shard = a.max_shard_size
     out = make_tiny_checkpoint(
         a.output_dir,
         seed=a.seed,
@@ -605,7 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fullatt_block_indexes=a.fullatt_block_indexes,
         mrope_section=a.mrope_section,
         dtype=a.dtype,
-        max_shard_size=a.max_shard_size,
+        max_shard_size=int(shard) if shard and shard.isdigit() else shard,
         init_std=a.init_std,
         min_pixels=a.min_pixels,
         max_pixels=a.max_pixels,

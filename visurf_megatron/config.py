@@ -31,8 +31,9 @@ class ModelConfig:
     dtype: Literal["fp32", "bf16"] = "bf16"
     spec: Literal["auto", "local", "te"] = "auto"  # auto: Transformer Engine on GPU, local on CPU
     fp8: Optional[Literal["hybrid", "e4m3"]] = None
-    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
-    fp8_bf16_first_last_layers: int = 1  # keep this many first and last LM layers in BF16
+    # tensorwise (current) scaling: megatron refuses BF16 first/last layers with delayed scaling.
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "tensorwise"
+    fp8_bf16_first_last_layers: int = 1  # keep this many first and last LM layers in BF16 (0 = none)
     fp8_vision: bool = False  # vision token counts are rarely divisible by 16, which TE FP8 GEMMs need
     freeze_vision: bool = False
     freeze_merger: bool = False
@@ -336,6 +337,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         raise ConfigError(f"parallel.tp={par.tp} does not divide the {heads} attention heads (model.num_attention_heads)")
     if groups is not None and groups % par.tp != 0:
         raise ConfigError(f"parallel.tp={par.tp} does not divide the {groups} query groups (model.num_query_groups)")
+    if cfg.model.fp8 and cfg.model.fp8_recipe == "delayed" and cfg.model.fp8_bf16_first_last_layers > 0:
+        raise ConfigError("model.fp8_recipe=delayed cannot keep first/last layers in BF16; "
+                          "set model.fp8_bf16_first_last_layers=0 or another recipe")
+    if cfg.model.fp8 and cfg.model.dtype != "bf16":
+        raise ConfigError("model.fp8 needs model.dtype=bf16")
     if cfg.rollout.n < 1:
         raise ConfigError(f"rollout.n must be >= 1, got {cfg.rollout.n}")
     if heads is not None and heads % cfg.rollout.tp != 0:

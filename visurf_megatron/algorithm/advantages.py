@@ -106,8 +106,8 @@ def _normalise(
     v = _as_float(values)
     centred = v - stats.mean[stats.inverse]
     adv = centred / (stats.std[stats.inverse] + eps) if norm_by_std else centred
-    # A lone member has no baseline to compare against; without this guard ddof=1 would
-    # divide 0 by eps and ddof=0 is only zero by luck of rounding.
+    # A lone member has no baseline to compare against: force 0 rather than rely on 0/(0+eps),
+    # which is NaN when eps=0.
     return torch.where(stats.count[stats.inverse] > 1, adv, torch.zeros_like(adv))
 
 

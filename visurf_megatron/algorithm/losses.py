@@ -117,7 +117,9 @@ def aggregation_normaliser(mask: Tensor, mode: str) -> Tensor:
     return den
 
 
-def aggregate(loss_mat: Tensor, mask: Tensor, mode: str = "token-mean", *, norm: Optional[Number] = None) -> Tensor:
+def aggregate(
+    loss_mat: Tensor, mask: Tensor, mode: str = "token-mean", *, norm: Optional[Number] = None
+) -> Tensor:
     """Reduce a [B, T] token loss to a scalar with ``mode`` (see module docstring).
 
     ``norm`` overrides the mode's denominator (see :func:`aggregation_normaliser`).
@@ -262,7 +264,12 @@ def sft_loss(logp: Tensor, mask: Tensor, *, agg: str = "token-mean", norm: Optio
 
 
 def entropy_bonus(
-    entropy: Tensor, mask: Tensor, *, coef: float = 0.0, agg: str = "token-mean", norm: Optional[Number] = None
+    entropy: Tensor,
+    mask: Tensor,
+    *,
+    coef: float = 0.0,
+    agg: str = "token-mean",
+    norm: Optional[Number] = None,
 ) -> Tensor:
     """Term to ADD to the loss: -coef * agg(entropy). Minimising it raises entropy for coef > 0."""
     if coef == 0.0:

@@ -13,7 +13,7 @@ shares the prompt tensors with the rollouts and is teacher forced. A paradigm de
 
 Trainer flow::
 
-    p = get_paradigm(cfg.name, **cfg.kwargs)
+    p = paradigm_from_config(cfg.algorithm)        # or get_paradigm(name, **knobs)
     info = p.compute_row_info(RowBatch(rewards, group_index, is_gt, correct, compare_rewards), step)
     for idx in micro_batches:                      # advantages need whole groups: compute first
         loss, metrics = p.loss(logp[idx], old_logp[idx], mask[idx], info.select(idx), step)
@@ -44,22 +44,9 @@ from .losses import (
 )
 
 __all__ = [
-    "RowBatch",
-    "RowInfo",
-    "Paradigm",
-    "PARADIGMS",
-    "register_paradigm",
-    "get_paradigm",
-    "filter_groups",
-    "MU_SCHEDULES",
-    "mu_at",
-    "SFT",
-    "RLVR",
-    "SFTThenRLVR",
-    "ViSurf",
-    "LUFFY",
-    "CHORD",
-    "HPT",
+    "RowBatch", "RowInfo", "Paradigm", "PARADIGMS", "register_paradigm", "get_paradigm",
+    "paradigm_from_config", "filter_groups", "MU_SCHEDULES", "mu_at",
+    "SFT", "RLVR", "SFTThenRLVR", "ViSurf", "LUFFY", "CHORD", "HPT",
 ]
 
 
@@ -74,7 +61,7 @@ class RowBatch:
     group_index      prompt id per row; arbitrary integers
     is_gt            True on the ground-truth / external answer row (at most one per group)
     correct          optional bool per row: is this rollout correct (HPT); default derived from
-                     ``compare_rewards`` (or ``rewards``) > the paradigm's threshold
+                     ``compare_rewards`` (or ``rewards``) >= the paradigm's threshold
     compare_rewards  optional float per row: what ViSurf smoothing / HPT correctness compare
                      (e.g. the accuracy term only); default ``rewards``
     """
@@ -143,7 +130,7 @@ class RowInfo:
         )
 
 
-def _row_info(rows: RowBatch, adv: Optional[Tensor] = None, *, pg=None, sft=None, shaped=None, **kw) -> RowInfo:
+def _row_info(rows: RowBatch, adv=None, *, pg=None, sft=None, shaped=None, **kw) -> RowInfo:
     none = torch.zeros_like(rows.is_gt)
     return RowInfo(
         advantages=(torch.zeros_like(rows.rewards, dtype=torch.float32) if adv is None else adv.float()),
@@ -207,6 +194,29 @@ def get_paradigm(name: str, **cfg: Any) -> "Paradigm":
     except KeyError:
         raise KeyError(f"unknown paradigm {name!r}; known: {sorted(PARADIGMS)}") from None
     return cls(**cfg)
+
+
+def paradigm_from_config(cfg: Any) -> "Paradigm":
+    """The paradigm an ``AlgorithmConfig`` (``visurf_megatron.config``) asks for.
+
+    Field -> knob: loss_agg -> agg, sft_then_rlvr_switch_step -> switch_step, luffy_gamma -> gamma,
+    chord_mu_{schedule,start,end,steps,warmup_steps} -> mu_*, hpt_correct_threshold ->
+    correct_threshold. ``smooth_compare`` and ``filter_groups`` are the trainer's: they choose what
+    goes into ``RowBatch.compare_rewards`` and whether ``filter_groups`` runs.
+    """
+    common = {k: getattr(cfg, k) for k in (
+        "clip_low", "clip_high", "dual_clip", "eps", "std_ddof", "norm_by_std", "entropy_coef", "kl_coef")}
+    common["agg"] = cfg.loss_agg
+    chord = {k: getattr(cfg, f"chord_{k}") for k in (
+        "mu_schedule", "mu_start", "mu_end", "mu_steps", "mu_warmup_steps") if hasattr(cfg, f"chord_{k}")}
+    specific = {
+        "visurf": {"smooth": cfg.smooth},
+        "sft_then_rlvr": {"switch_step": cfg.sft_then_rlvr_switch_step},
+        "luffy": {"gamma": cfg.luffy_gamma},
+        "chord": chord,
+        "hpt": {"correct_threshold": cfg.hpt_correct_threshold},
+    }.get(cfg.paradigm, {})
+    return get_paradigm(cfg.paradigm, **common, **specific)
 
 
 class Paradigm:
@@ -298,6 +308,23 @@ class Paradigm:
     def _shaping_gamma(self) -> Optional[float]:
         return None
 
+    def _ppo(self, logp, old_logp, adv, pg_mask) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """Clipped-surrogate token loss and its metrics over ``pg_mask`` (see ``policy_loss``)."""
+        if old_logp is None:
+            raise ValueError(f"{self.name}: old_logp is required for the policy-gradient rows")
+        mat, pinfo = ppo_clip_token_loss(
+            logp, old_logp, adv, clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=self.dual_clip
+        )
+        with torch.no_grad():
+            metrics = {
+                "clip_frac": masked_mean(pinfo["clipped"].to(pg_mask.dtype), pg_mask),
+                "approx_kl": masked_mean(old_logp - logp, pg_mask),
+                "ratio_mean": masked_mean(pinfo["ratio"], pg_mask),
+            }
+            if self.dual_clip is not None:
+                metrics["dual_clip_frac"] = masked_mean(pinfo["dual_clipped"].to(pg_mask.dtype), pg_mask)
+        return mat, metrics
+
     def _mixed_loss(self, logp, old_logp, mask, info, step, entropy, ref_logp, norms):
         norm = None if norms is None else norms.get("loss")
         m = mask.to(logp.dtype)
@@ -306,19 +333,8 @@ class Paradigm:
         loss_mat = torch.zeros_like(logp)
         metrics: Dict[str, Tensor] = {}
         if self.needs_rollouts(step):
-            if old_logp is None:
-                raise ValueError(f"{self.name}: old_logp is required for the policy-gradient rows")
-            ppo, pinfo = ppo_clip_token_loss(
-                logp, old_logp, info.advantages, clip_low=self.clip_low,
-                clip_high=self.clip_high, dual_clip=self.dual_clip,
-            )
+            ppo, metrics = self._ppo(logp, old_logp, info.advantages, pg_m)
             loss_mat = torch.where(info.pg_rows.unsqueeze(-1), ppo, loss_mat)
-            with torch.no_grad():
-                metrics["clip_frac"] = masked_mean(pinfo["clipped"].to(m.dtype), pg_m)
-                metrics["approx_kl"] = masked_mean(old_logp - logp, pg_m)
-                metrics["ratio_mean"] = masked_mean(pinfo["ratio"], pg_m)
-                if self.dual_clip is not None:
-                    metrics["dual_clip_frac"] = masked_mean(pinfo["dual_clipped"].to(m.dtype), pg_m)
         gamma = self._shaping_gamma()
         if gamma is not None:
             shaped = policy_shaping_token_loss(logp, info.advantages, gamma=gamma)
@@ -536,12 +552,7 @@ class CHORD(Paradigm):
         norms = norms or {}
         m = mask.to(logp.dtype)
         pg_m, sft_m = _rows(m, info.pg_rows), _rows(m, info.sft_rows)
-        if old_logp is None:
-            raise ValueError("chord: old_logp is required for the policy-gradient rows")
-        ppo, pinfo = ppo_clip_token_loss(
-            logp, old_logp, info.advantages, clip_low=self.clip_low,
-            clip_high=self.clip_high, dual_clip=self.dual_clip,
-        )
+        ppo, metrics = self._ppo(logp, old_logp, info.advantages, pg_m)
         pg = aggregate(ppo, pg_m, self.agg, norm=norms.get("pg"))
         nll = -logp
         if self.phi:
@@ -550,17 +561,7 @@ class CHORD(Paradigm):
         sft = aggregate(nll, sft_m, self.agg, norm=norms.get("sft"))
         mu = self.mu(step)
         loss = (1.0 - mu) * pg + mu * sft
-        with torch.no_grad():
-            metrics = {
-                "mu": torch.tensor(mu),
-                "pg_loss": pg.detach(),
-                "sft_loss": sft.detach(),
-                "clip_frac": masked_mean(pinfo["clipped"].to(m.dtype), pg_m),
-                "approx_kl": masked_mean(old_logp - logp, pg_m),
-                "ratio_mean": masked_mean(pinfo["ratio"], pg_m),
-            }
-            if self.dual_clip is not None:
-                metrics["dual_clip_frac"] = masked_mean(pinfo["dual_clipped"].to(m.dtype), pg_m)
+        metrics.update(mu=torch.tensor(mu), pg_loss=pg.detach(), sft_loss=sft.detach())
         # KL and entropy regularise the on-policy part only.
         loss, extra = self._regularisers(loss, logp, pg_m, entropy, ref_logp, norms.get("pg"))
         metrics.update(extra)
@@ -574,10 +575,10 @@ class HPT(Paradigm):
     """HPT, per prompt: if at least ``min_correct`` rollouts are correct, RL (GRPO) on the rollouts
     only; otherwise SFT on the GT row and the rollouts are dropped. A rollout is correct when
     ``RowBatch.correct`` says so, else when its ``compare_rewards`` (default ``rewards``) is
-    strictly above ``correct_threshold``. All active rows share one aggregation.
+    >= ``correct_threshold``. All active rows share one aggregation.
     """
 
-    def __init__(self, *, correct_threshold: float = 0.5, min_correct: int = 1, **common: Any) -> None:
+    def __init__(self, *, correct_threshold: float = 1.0, min_correct: int = 1, **common: Any) -> None:
         super().__init__(**common)
         self.correct_threshold, self.min_correct = correct_threshold, min_correct
 
@@ -593,7 +594,7 @@ class HPT(Paradigm):
             correct = rows.correct
         else:
             value = rows.rewards if rows.compare_rewards is None else rows.compare_rewards
-            correct = value > self.correct_threshold
+            correct = value >= self.correct_threshold
         ids, inv = torch.unique(rows.group_index, return_inverse=True)
         n_ok = torch.zeros(ids.shape[0], dtype=torch.long, device=inv.device).index_add_(
             0, inv, (correct & ~rows.is_gt).long()

@@ -21,6 +21,7 @@ PLACEHOLDER = "{question}"
 GROUNDING_EXAMPLE = ('[{"bbox_2d": [10,100,200,210], "point_2d": [30,110]}, '
                      '{"bbox_2d": [225,296,706,786], "point_2d": [302,410]}]')
 GUI_EXAMPLE = '[{"bbox_2d": [10,100,200,210], "point_2d": [105,155]}]'
+ANOMALY_EXAMPLE = '[{"bbox_2d": [10,100,200,210], "point_2d": [30,110]}]'
 
 _THINK_TAGS = ("Output the thinking process in <think> </think> and final answer in <answer> </answer> "
                "tags.")
@@ -64,7 +65,7 @@ TEMPLATES: dict[tuple[str, str, bool], str] = {}
 for _task, _t in {
     "grounding": _grounding_like(_GROUNDING_HEAD, _GROUNDING_BODY, GROUNDING_EXAMPLE),
     "gui": _grounding_like(_GUI_HEAD, _GUI_BODY, GUI_EXAMPLE),
-    "anomaly": _grounding_like(_ANOMALY_HEAD, _ANOMALY_BODY, "[]"),
+    "anomaly": _grounding_like(_ANOMALY_HEAD, _ANOMALY_BODY, ANOMALY_EXAMPLE),
     "math": {
         ("detailed", True): (_MATH_HEAD + _MATH_BODY
                              + "The thinking process and final answer are enclosed within <think> </think> "
@@ -121,7 +122,8 @@ def format_question(sample: "Sample") -> str:
     q = sample.problem.strip()
     if sample.choices:
         letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-        q += "\nChoices:\n" + "\n".join(f"({letters[i]}) {c}" for i, c in enumerate(sample.choices))
+        # Inline, so the instruction that follows ("{question} First think...") reads on.
+        q += " Choices: " + " ".join(f"({letters[i]}) {c}" for i, c in enumerate(sample.choices)) + "."
     return q
 
 

@@ -213,13 +213,14 @@ def _check_image_file(path: str) -> tuple[int, int]:
     return size
 
 
-def _check_image_bytes(data: bytes) -> tuple[int, int, str]:
+def _check_image_bytes(data: bytes, verify: bool = True) -> tuple[int, int, str]:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as im:
             size, fmt = im.size, (im.format or "png").lower()
-            im.verify()
+            if verify:
+                im.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"image: embedded bytes are not a readable image: {e}") from None
     return size[0], size[1], fmt
@@ -248,11 +249,8 @@ def _image_field(value: Any, root: Path, check: bool, cache_dir: Path | None):
             value = bytes(data)
     if isinstance(value, (bytes, bytearray)):
         data = bytes(value)
-        if check:
-            w, h, fmt = _check_image_bytes(data)
-            size = (w, h)
-        else:
-            size, fmt = None, "png"
+        w, h, fmt = _check_image_bytes(data, verify=check)  # the header alone names the format
+        size = (w, h)
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
             target = cache_dir / f"{hashlib.sha256(data).hexdigest()[:24]}.{fmt}"
@@ -453,14 +451,14 @@ def load_samples(path, *, task: str | None = None, on_bad_row: str = "error",
 def sample_to_row(sample: Sample, *, relative_to: Path | None = None) -> dict[str, Any]:
     """The JSONL row for a sample; key order is fixed so that files are byte-reproducible."""
 
+    base = relative_to.resolve() if relative_to is not None else None
+
     def rel(p: str | None) -> str | None:
-        if p is None or relative_to is None:
+        if p is None or base is None:
             return p
-        try:
-            return os.path.relpath(p, relative_to) if Path(p).resolve().is_relative_to(
-                relative_to.resolve()) else p
-        except ValueError:  # another drive on Windows
-            return p
+        full = Path(p).resolve()
+        # Only paths inside the dataset directory become relative: "../" paths break on a move.
+        return full.relative_to(base).as_posix() if full.is_relative_to(base) else p
 
     row: dict[str, Any] = {"id": sample.id, "task": sample.task, "problem": sample.problem,
                            "solution": sample.solution, "image": rel(sample.image),

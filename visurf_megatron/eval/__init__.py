@@ -1,0 +1,1 @@
+"""Benchmark metrics (and, alongside, the evaluation runner and SAM2 segmenter)."""

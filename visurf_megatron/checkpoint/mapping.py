@@ -1,0 +1,274 @@
+"""The one HF <-> Megatron parameter mapping for Qwen2.5-VL, declared once as a table.
+
+Each entry names a megatron parameter (``*`` = layer index), the HF tensors it is made of (same
+``*``), and a transform that serves both directions:
+
+* ``to_megatron(hf_tensors, tp_rank, tp_size, ctx) -> this rank's shard``
+* ``to_hf(shards of all TP ranks, ctx) -> hf_tensors``
+
+Converters, rollout weight sync and the tests all use this table; nothing else encodes the mapping.
+HF names are kept in the Hub naming (``model.layers.*``, ``visual.*``, ``lm_head``); ``hub_name``
+also accepts the in-memory naming of newer transformers (``model.language_model.*``, ``model.visual.*``).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class MappingContext:
+    """Model geometry the transforms need (from ``Qwen25VLExtras``)."""
+
+    vocab_size: int
+    padded_vocab_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    vision_num_heads: int
+    vision_head_dim: int
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_extras(cls, extras) -> "MappingContext":
+        return cls(
+            vocab_size=extras.vocab_size,
+            padded_vocab_size=extras.padded_vocab_size,
+            num_attention_heads=extras.num_attention_heads,
+            num_query_groups=extras.num_query_groups,
+            head_dim=extras.head_dim,
+            vision_num_heads=extras.vision_num_heads,
+            vision_head_dim=extras.vision_head_dim,
+            tie_word_embeddings=extras.tie_word_embeddings,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms
+
+
+class Replicated:
+    """Same full tensor on every TP rank (norms, row-parallel biases, conv patch embedding)."""
+
+    def to_megatron(self, hf: Sequence[Tensor], tp_rank: int, tp_size: int, ctx: MappingContext) -> Tensor:
+        return hf[0]
+
+    def to_hf(self, shards: Sequence[Tensor], ctx: MappingContext) -> list[Tensor]:
+        return [shards[0]]
+
+
+@dataclass(frozen=True)
+class Split:
+    """Contiguous TP split along ``dim``: 0 for column-parallel outputs, 1 for row-parallel inputs."""
+
+    dim: int
+
+    def to_megatron(self, hf, tp_rank, tp_size, ctx):
+        return torch.chunk(hf[0], tp_size, dim=self.dim)[tp_rank]
+
+    def to_hf(self, shards, ctx):
+        return [torch.cat(list(shards), dim=self.dim)]
+
+
+class VocabSplit:
+    """Embedding / output rows: zero-pad to the TP-divisible vocabulary, split; trim on export."""
+
+    def to_megatron(self, hf, tp_rank, tp_size, ctx):
+        full = hf[0]
+        if full.shape[0] != ctx.vocab_size:
+            raise ValueError(f"vocabulary tensor has {full.shape[0]} rows, config says {ctx.vocab_size}")
+        pad = ctx.padded_vocab_size - ctx.vocab_size
+        if pad:
+            full = torch.cat([full, full.new_zeros((pad,) + tuple(full.shape[1:]))], dim=0)
+        return torch.chunk(full, tp_size, dim=0)[tp_rank]
+
+    def to_hf(self, shards, ctx):
+        return [torch.cat(list(shards), dim=0)[: ctx.vocab_size]]
+
+
+def interleave_qkv(q: Tensor, k: Tensor, v: Tensor, groups: int, head_dim: int) -> Tensor:
+    """HF [q (H*d); k (G*d); v (G*d)] -> megatron [per group g: q heads of g (H/G*d), k_g (d), v_g (d)].
+
+    Works for weights ([., hidden]) and biases ([.]) alike: only dim 0 is re-laid out.
+    """
+    rest = tuple(q.shape[1:])
+    q = q.reshape(groups, -1, *rest)  # [G, H/G*d, ...]
+    k = k.reshape(groups, head_dim, *rest)
+    v = v.reshape(groups, head_dim, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def split_qkv(fused: Tensor, groups: int, heads: int, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Inverse of ``interleave_qkv``."""
+    rest = tuple(fused.shape[1:])
+    per_group = fused.reshape(groups, (heads // groups + 2) * head_dim, *rest)
+    q_width = heads // groups * head_dim
+    q, k, v = torch.split(per_group, [q_width, head_dim, head_dim], dim=1)
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+
+
+@dataclass(frozen=True)
+class GroupedQKV:
+    """Fused QKV in megatron's grouped layout, TP-split by whole query groups.
+
+    ``tower="language"``: HF has separate q/k/v projections (GQA).
+    ``tower="vision"``: HF has one fused ``qkv`` laid out [q; k; v] over all heads (MHA, groups = heads).
+    """
+
+    tower: str
+
+    def _geometry(self, ctx):
+        if self.tower == "vision":
+            return ctx.vision_num_heads, ctx.vision_num_heads, ctx.vision_head_dim
+        return ctx.num_attention_heads, ctx.num_query_groups, ctx.head_dim
+
+    def to_megatron(self, hf, tp_rank, tp_size, ctx):
+        heads, groups, head_dim = self._geometry(ctx)
+        q, k, v = torch.chunk(hf[0], 3, dim=0) if self.tower == "vision" else hf
+        if q.shape[0] != heads * head_dim or k.shape[0] != groups * head_dim:
+            raise ValueError(f"QKV shapes {tuple(q.shape)}/{tuple(k.shape)} do not match {heads} heads, "
+                             f"{groups} groups, head_dim {head_dim}")
+        return torch.chunk(interleave_qkv(q, k, v, groups, head_dim), tp_size, dim=0)[tp_rank]
+
+    def to_hf(self, shards, ctx):
+        heads, groups, head_dim = self._geometry(ctx)
+        q, k, v = split_qkv(torch.cat(list(shards), dim=0), groups, heads, head_dim)
+        return [torch.cat([q, k, v], dim=0)] if self.tower == "vision" else [q, k, v]
+
+
+class GatedMLP:
+    """linear_fc1 = [gate_i; up_i] on TP rank i (each half split separately, not a chunk of [G; U])."""
+
+    def to_megatron(self, hf, tp_rank, tp_size, ctx):
+        gate, up = hf
+        return torch.cat([torch.chunk(gate, tp_size, 0)[tp_rank], torch.chunk(up, tp_size, 0)[tp_rank]], dim=0)
+
+    def to_hf(self, shards, ctx):
+        halves = [torch.chunk(s, 2, dim=0) for s in shards]
+        return [torch.cat([h[0] for h in halves], dim=0), torch.cat([h[1] for h in halves], dim=0)]
+
+
+COLUMN, ROW, REPLICATED = Split(0), Split(1), Replicated()
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+
+
+@dataclass(frozen=True)
+class ParamMapping:
+    megatron: str
+    hf: tuple[str, ...]
+    transform: object
+    # "untied" / "tied": only for that embedding layout. ``export=False``: loaded, never written
+    # (the tied output layer on the last pipeline stage is a copy of the embedding).
+    when: Optional[str] = None
+    export: bool = True
+
+
+_LM = "language_model.decoder.layers.*."
+_HF_LM = "model.layers.*."
+_VIS = "vision_model.decoder.layers.*."
+_HF_VIS = "visual.blocks.*."
+
+QWEN25_VL_MAPPING: tuple[ParamMapping, ...] = (
+    # language model
+    ParamMapping("language_model.embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VocabSplit()),
+    ParamMapping(_LM + "input_layernorm.weight", (_HF_LM + "input_layernorm.weight",), REPLICATED),
+    ParamMapping(_LM + "self_attention.linear_qkv.layer_norm_weight", (_HF_LM + "input_layernorm.weight",), REPLICATED),
+    ParamMapping(_LM + "self_attention.linear_qkv.weight",
+                 tuple(_HF_LM + f"self_attn.{p}_proj.weight" for p in "qkv"), GroupedQKV("language")),
+    ParamMapping(_LM + "self_attention.linear_qkv.bias",
+                 tuple(_HF_LM + f"self_attn.{p}_proj.bias" for p in "qkv"), GroupedQKV("language")),
+    ParamMapping(_LM + "self_attention.linear_proj.weight", (_HF_LM + "self_attn.o_proj.weight",), ROW),
+    ParamMapping(_LM + "pre_mlp_layernorm.weight", (_HF_LM + "post_attention_layernorm.weight",), REPLICATED),
+    ParamMapping(_LM + "mlp.linear_fc1.layer_norm_weight", (_HF_LM + "post_attention_layernorm.weight",), REPLICATED),
+    ParamMapping(_LM + "mlp.linear_fc1.weight", (_HF_LM + "mlp.gate_proj.weight", _HF_LM + "mlp.up_proj.weight"), GatedMLP()),
+    ParamMapping(_LM + "mlp.linear_fc2.weight", (_HF_LM + "mlp.down_proj.weight",), ROW),
+    ParamMapping("language_model.decoder.final_layernorm.weight", ("model.norm.weight",), REPLICATED),
+    ParamMapping("language_model.output_layer.weight", ("lm_head.weight",), VocabSplit(), when="untied"),
+    ParamMapping("language_model.output_layer.weight", ("model.embed_tokens.weight",), VocabSplit(),
+                 when="tied", export=False),
+    # vision tower
+    ParamMapping("vision_model.patch_embed.proj.weight", ("visual.patch_embed.proj.weight",), REPLICATED),
+    ParamMapping(_VIS + "input_layernorm.weight", (_HF_VIS + "norm1.weight",), REPLICATED),
+    ParamMapping(_VIS + "self_attention.linear_qkv.layer_norm_weight", (_HF_VIS + "norm1.weight",), REPLICATED),
+    ParamMapping(_VIS + "self_attention.linear_qkv.weight", (_HF_VIS + "attn.qkv.weight",), GroupedQKV("vision")),
+    ParamMapping(_VIS + "self_attention.linear_qkv.bias", (_HF_VIS + "attn.qkv.bias",), GroupedQKV("vision")),
+    ParamMapping(_VIS + "self_attention.linear_proj.weight", (_HF_VIS + "attn.proj.weight",), ROW),
+    ParamMapping(_VIS + "self_attention.linear_proj.bias", (_HF_VIS + "attn.proj.bias",), REPLICATED),
+    ParamMapping(_VIS + "pre_mlp_layernorm.weight", (_HF_VIS + "norm2.weight",), REPLICATED),
+    ParamMapping(_VIS + "mlp.linear_fc1.layer_norm_weight", (_HF_VIS + "norm2.weight",), REPLICATED),
+    ParamMapping(_VIS + "mlp.linear_fc1.weight", (_HF_VIS + "mlp.gate_proj.weight", _HF_VIS + "mlp.up_proj.weight"), GatedMLP()),
+    ParamMapping(_VIS + "mlp.linear_fc1.bias", (_HF_VIS + "mlp.gate_proj.bias", _HF_VIS + "mlp.up_proj.bias"), GatedMLP()),
+    ParamMapping(_VIS + "mlp.linear_fc2.weight", (_HF_VIS + "mlp.down_proj.weight",), ROW),
+    ParamMapping(_VIS + "mlp.linear_fc2.bias", (_HF_VIS + "mlp.down_proj.bias",), REPLICATED),
+    ParamMapping("vision_model.merger.ln_q.weight", ("visual.merger.ln_q.weight",), REPLICATED),
+    ParamMapping("vision_model.merger.linear_fc1.weight", ("visual.merger.mlp.0.weight",), COLUMN),
+    ParamMapping("vision_model.merger.linear_fc1.bias", ("visual.merger.mlp.0.bias",), COLUMN),
+    ParamMapping("vision_model.merger.linear_fc2.weight", ("visual.merger.mlp.2.weight",), ROW),
+    ParamMapping("vision_model.merger.linear_fc2.bias", ("visual.merger.mlp.2.bias",), REPLICATED),
+)
+
+_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _index(table) -> dict[tuple[str, bool], ParamMapping]:
+    out = {}
+    for entry in table:
+        tied_options = (True, False) if entry.when is None else ((entry.when == "tied"),)
+        for tied in tied_options:
+            out[(entry.megatron, tied)] = entry
+    return out
+
+
+_BY_PATTERN = _index(QWEN25_VL_MAPPING)
+
+
+@dataclass(frozen=True)
+class ResolvedParam:
+    """One megatron parameter of this rank, with its global layer index and HF names resolved."""
+
+    megatron_name: str  # name inside its model chunk (local layer index)
+    global_name: str  # same with the global layer index
+    hf_names: tuple[str, ...]
+    mapping: ParamMapping
+
+
+def lookup(global_name: str, tied: bool) -> ResolvedParam:
+    match = _LAYER_RE.search(global_name)
+    pattern = _LAYER_RE.sub(".layers.*.", global_name, count=1) if match else global_name
+    entry = _BY_PATTERN.get((pattern, tied))
+    if entry is None:
+        raise KeyError(f"no HF mapping for megatron parameter {global_name}")
+    layer = match.group(1) if match else None
+    hf = tuple(h.replace("*", layer) if layer is not None else h for h in entry.hf)
+    return ResolvedParam(global_name, global_name, hf, entry)
+
+
+_NAMING = (
+    ("model.language_model.", "model."),
+    ("model.visual.", "visual."),
+)
+
+
+def hub_name(name: str) -> str:
+    """Hub key naming for an HF tensor name given in either naming."""
+    for new, old in _NAMING:
+        if name.startswith(new):
+            return old + name[len(new):]
+    return name
+
+
+def inmemory_name(name: str) -> str:
+    """Newer transformers' in-memory naming (``model.language_model.*``, ``model.visual.*``)."""
+    if name.startswith("visual."):
+        return "model." + name
+    if name.startswith("model.") and not name.startswith(("model.language_model.", "model.visual.")):
+        return "model.language_model." + name[len("model."):]
+    return name

@@ -1,0 +1,218 @@
+"""HF Qwen2.5-VL config -> megatron-core TransformerConfigs for the language model and vision tower.
+
+Works for any Qwen2.5-VL config.json (3B tied, 7B/32B/72B untied), in the Hub's flat layout or the
+nested ``text_config`` layout newer transformers writes: both are normalised through transformers'
+own ``Qwen2_5_VLConfig``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot hold this model."""
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    tp: int = 1
+    pp: int = 1
+    vpp: Optional[int] = None
+    sequence_parallel: bool = False
+
+
+@dataclass(frozen=True)
+class Qwen25VLExtras:
+    """Everything outside the two TransformerConfigs that the model, mapping and data code need."""
+
+    vocab_size: int
+    padded_vocab_size: int
+    tie_word_embeddings: bool
+    rope_theta: float
+    mrope_section: tuple[int, ...]
+    max_position_embeddings: int
+    image_token_id: int
+    video_token_id: int
+    vision_start_token_id: int
+    # vision tower
+    patch_size: int
+    temporal_patch_size: int
+    in_channels: int
+    spatial_merge_size: int
+    window_size: int
+    fullatt_block_indexes: tuple[int, ...]
+    vision_hidden_size: int
+    out_hidden_size: int
+    vision_rope_theta: float = 10000.0
+    tokens_per_second: int = 2
+    # language attention geometry (for the QKV mapping)
+    num_attention_heads: int = 0
+    num_query_groups: int = 0
+    head_dim: int = 0
+    vision_num_heads: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def vision_head_dim(self) -> int:
+        return self.vision_hidden_size // self.vision_num_heads
+
+
+def load_hf_config(source: Any):
+    """A transformers ``Qwen2_5_VLConfig`` from a config object, a dict, a directory or a config.json."""
+    from transformers import Qwen2_5_VLConfig
+
+    if isinstance(source, Qwen2_5_VLConfig):
+        return source
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"no Qwen2.5-VL config at {path}")
+        source = json.loads(path.read_text())
+    if isinstance(source, Mapping):
+        data = dict(source)
+        model_type = data.get("model_type", "qwen2_5_vl")
+        if model_type != "qwen2_5_vl":
+            raise ValueError(f"expected a qwen2_5_vl config, got model_type={model_type!r}")
+        return Qwen2_5_VLConfig(**{k: v for k, v in data.items() if k not in ("architectures", "transformers_version")})
+    raise TypeError(f"cannot read a Qwen2.5-VL config from {type(source).__name__}")
+
+
+def pad_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
+    """Megatron's convention: the embedding rows are a multiple of ``divisible_by * tp``."""
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def validate_layout(heads: int, groups: int, vision_heads: int, num_layers: int, layout: ParallelLayout) -> None:
+    tp, pp = layout.tp, layout.pp
+    if tp < 1 or pp < 1:
+        raise LayoutError(f"tp and pp must be >= 1 (got tp={tp}, pp={pp})")
+    if heads % tp:
+        raise LayoutError(f"tp={tp} does not divide the {heads} attention heads of the language model")
+    if groups % tp:
+        raise LayoutError(f"tp={tp} does not divide the {groups} query groups (KV heads) of the language model")
+    if vision_heads % tp:
+        raise LayoutError(f"tp={tp} does not divide the {vision_heads} attention heads of the vision tower")
+    if num_layers % pp:
+        raise LayoutError(f"pp={pp} does not divide the {num_layers} language layers")
+    if layout.vpp is not None and (num_layers % (pp * layout.vpp) or pp < 2):
+        raise LayoutError(f"vpp={layout.vpp} with pp={pp} does not split {num_layers} layers evenly")
+    if layout.sequence_parallel and tp == 1:
+        raise LayoutError("sequence parallel needs tp > 1")
+
+
+def configs_from_hf(
+    hf_config: Any,
+    parallel: ParallelLayout | Mapping[str, Any] | None = None,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    vocab_divisible_by: int = 128,
+    **overrides: Any,
+) -> tuple[TransformerConfig, TransformerConfig, Qwen25VLExtras]:
+    """(language TransformerConfig, vision TransformerConfig, extras) for a Qwen2.5-VL config.
+
+    ``overrides`` are applied to both TransformerConfigs (e.g. ``recompute_granularity``, FP8 fields);
+    the GPU spec code passes its FP8 settings this way.
+    """
+    hf = load_hf_config(hf_config)
+    text, vision = hf.text_config, hf.vision_config
+    if parallel is None:
+        parallel = ParallelLayout()
+    elif isinstance(parallel, Mapping):
+        parallel = ParallelLayout(**parallel)
+    heads = text.num_attention_heads
+    groups = text.num_key_value_heads or heads
+    head_dim = text.hidden_size // heads
+    validate_layout(heads, groups, vision.num_heads, text.num_hidden_layers, parallel)
+    rope = dict(text.rope_parameters or {})
+    mrope_section = tuple(rope.get("mrope_section") or (16, 24, 24))
+    if sum(mrope_section) * 2 != head_dim:
+        raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
+    vision_rope = dict(getattr(vision, "rope_parameters", None) or {})
+    tied = bool(hf.tie_word_embeddings or getattr(text, "tie_word_embeddings", False))
+    # Megatron needs the same pipeline dtype on every rank; the vision tower lives on stage 0 only.
+    common = dict(
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        tensor_model_parallel_size=parallel.tp,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        batch_p2p_sync=False,
+    )
+    language = TransformerConfig(
+        num_layers=text.num_hidden_layers,
+        hidden_size=text.hidden_size,
+        ffn_hidden_size=text.intermediate_size,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=head_dim,
+        layernorm_epsilon=text.rms_norm_eps,
+        activation_func=_ACTIVATIONS[text.hidden_act],
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        sequence_parallel=parallel.sequence_parallel,
+        mrope_section=list(mrope_section),
+        **common,
+        **overrides,
+    )
+    vision_cfg = TransformerConfig(
+        num_layers=vision.depth,
+        hidden_size=vision.hidden_size,
+        ffn_hidden_size=vision.intermediate_size,
+        num_attention_heads=vision.num_heads,
+        num_query_groups=vision.num_heads,
+        kv_channels=vision.hidden_size // vision.num_heads,
+        layernorm_epsilon=1e-6,  # fixed in HF's vision blocks, not read from the config
+        activation_func=_ACTIVATIONS[vision.hidden_act],
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        pipeline_model_parallel_size=1,
+        sequence_parallel=False,
+        **common,
+        **overrides,
+    )
+    extras = Qwen25VLExtras(
+        vocab_size=text.vocab_size,
+        padded_vocab_size=pad_vocab_size(text.vocab_size, parallel.tp, vocab_divisible_by),
+        tie_word_embeddings=tied,
+        rope_theta=float(rope.get("rope_theta", 1_000_000.0)),
+        mrope_section=mrope_section,
+        max_position_embeddings=text.max_position_embeddings,
+        image_token_id=hf.image_token_id,
+        video_token_id=hf.video_token_id,
+        vision_start_token_id=hf.vision_start_token_id,
+        patch_size=vision.patch_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        in_channels=vision.in_channels,
+        spatial_merge_size=vision.spatial_merge_size,
+        window_size=vision.window_size,
+        fullatt_block_indexes=tuple(vision.fullatt_block_indexes),
+        vision_hidden_size=vision.hidden_size,
+        out_hidden_size=vision.out_hidden_size,
+        vision_rope_theta=float(vision_rope.get("rope_theta", 10000.0)),
+        tokens_per_second=int(getattr(vision, "tokens_per_second", 2)),
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        head_dim=head_dim,
+        vision_num_heads=vision.num_heads,
+    )
+    if extras.out_hidden_size != text.hidden_size:
+        raise ValueError(f"vision out_hidden_size {extras.out_hidden_size} != language hidden {text.hidden_size}")
+    return language, vision_cfg, extras

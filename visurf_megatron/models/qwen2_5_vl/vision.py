@@ -1,0 +1,216 @@
+"""Qwen2.5-VL vision tower built from megatron-core modules, tensor-parallel.
+
+Data layout: all images of a batch are one packed sequence of N patches (megatron [s, b=1, h]).
+Patches arrive in the processor's order (per image, 2x2 merge blocks contiguous). Layers that are not
+in ``fullatt_block_indexes`` attend within windows of ``window_size`` pixels; HF reorders the merge
+units window by window first (so every window is contiguous) and undoes the order after the merger.
+We reproduce that ordering exactly, and express "attend within a window / within an image" as a
+block-diagonal region over the reordered sequence: a boolean mask on CPU, packed ``cu_seqlens`` with
+Transformer Engine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ..local_spec import RMSNorm
+from .config import Qwen25VLExtras
+
+
+@dataclass
+class VisionLayout:
+    """Index bookkeeping for one packed image batch (depends only on grid_thw and the config)."""
+
+    window_index: torch.Tensor  # [N/m^2] merge-unit order after window reordering
+    reverse_index: torch.Tensor  # inverse permutation of window_index
+    cu_window_seqlens: torch.Tensor  # [W+1] patch offsets of the windows (reordered sequence)
+    cu_image_seqlens: torch.Tensor  # [I+1] patch offsets of the images / frames
+    rotary_angles: torch.Tensor  # [N, head_dim] in the reordered sequence
+
+
+def patch_hw_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
+    """(h, w) patch coordinates [N, 2] in the processor's order: merge blocks contiguous."""
+    out = []
+    for t, h, w in grid_thw.tolist():
+        hh = torch.arange(h).view(h // merge, merge, 1, 1).expand(h // merge, merge, w // merge, merge)
+        ww = torch.arange(w).view(1, 1, w // merge, merge).expand(h // merge, merge, w // merge, merge)
+        # block-major: (block row, block col, row in block, col in block)
+        hw = torch.stack([hh.permute(0, 2, 1, 3).reshape(-1), ww.permute(0, 2, 1, 3).reshape(-1)], dim=-1)
+        out.append(hw.repeat(t, 1))
+    return torch.cat(out, dim=0)
+
+
+def window_order(grid_thw: torch.Tensor, merge: int, window_size: int, patch_size: int):
+    """Merge-unit permutation that makes each window contiguous, and the window offsets in patches.
+
+    A window covers ``window_size // patch_size // merge`` merge units per side; windows are
+    enumerated row-major over the (padded) merged grid of each frame, and within a window units are
+    row-major. Partial windows at the right/bottom edges keep only their real units.
+    """
+    units_per_side = window_size // merge // patch_size
+    if units_per_side < 1:
+        raise ValueError(f"window_size {window_size} is smaller than one merge unit ({merge * patch_size} px)")
+    unit = merge * merge
+    order, cu = [], [0]
+    base = 0
+    for t, h, w in grid_thw.tolist():
+        gh, gw = h // merge, w // merge
+        ids = torch.arange(t * gh * gw).view(t, gh, gw)
+        for frame in range(t):
+            for wy in range(0, gh, units_per_side):
+                for wx in range(0, gw, units_per_side):
+                    block = ids[frame, wy : wy + units_per_side, wx : wx + units_per_side].reshape(-1)
+                    order.append(block + base)
+                    cu.append(cu[-1] + block.numel() * unit)
+        base += t * gh * gw
+    return torch.cat(order), torch.tensor(cu, dtype=torch.int32)
+
+
+def vision_rotary_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    """Axial 2-D RoPE: head_dim/4 frequencies, shared by the h and w axes."""
+    spatial = head_dim // 2
+    return 1.0 / (theta ** (torch.arange(0, spatial, 2, dtype=torch.float) / spatial))
+
+
+def build_vision_layout(grid_thw: torch.Tensor, extras: Qwen25VLExtras) -> VisionLayout:
+    merge = extras.spatial_merge_size
+    grid_thw = grid_thw.to("cpu", torch.long)
+    window_index, cu_window = window_order(grid_thw, merge, extras.window_size, extras.patch_size)
+    frame_sizes = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
+    cu_image = F.pad(frame_sizes.cumsum(0), (1, 0)).to(torch.int32)
+    inv_freq = vision_rotary_inv_freq(extras.vision_head_dim, extras.vision_rope_theta)
+    hw = patch_hw_positions(grid_thw, merge).float()
+    angles = torch.cat([hw[:, :1] * inv_freq, hw[:, 1:] * inv_freq], dim=-1)  # [N, head_dim/2]
+    angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout over the whole head
+    unit = merge * merge
+    angles = angles.view(-1, unit, angles.shape[-1])[window_index].reshape(-1, angles.shape[-1])
+    return VisionLayout(window_index, torch.argsort(window_index), cu_window, cu_image, angles)
+
+
+def block_diagonal_mask(cu_seqlens: torch.Tensor, n: int, device=None) -> torch.Tensor:
+    """[1, 1, n, n] bool, True where attention is *not* allowed (megatron's mask convention)."""
+    segment = torch.repeat_interleave(
+        torch.arange(len(cu_seqlens) - 1, device=device), (cu_seqlens[1:] - cu_seqlens[:-1]).to(device).long()
+    )
+    return (segment[:, None] != segment[None, :]).view(1, 1, n, n)
+
+
+def packed_params(cu_seqlens: torch.Tensor, device) -> PackedSeqParams:
+    cu = cu_seqlens.to(device=device, dtype=torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len
+    )
+
+
+class PerTokenRotarySelfAttention(SelfAttention):
+    """Self-attention whose rotary angles are given per token, not per position in a sequence.
+
+    Megatron applies RoPE to packed (THD) input by restarting positions at every ``cu_seqlens``
+    boundary; vision windows need each patch's own 2-D angles instead. So the angles are applied to
+    q and k straight after the QKV projection, before any packing, for every backend alike.
+    """
+
+    _per_token_rotary: Optional[torch.Tensor] = None
+
+    def forward(self, hidden_states, attention_mask, *args, rotary_pos_emb=None, **kwargs):
+        self._per_token_rotary = rotary_pos_emb
+        try:
+            return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=None, **kwargs)
+        finally:
+            self._per_token_rotary = None
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, *args, **kwargs):
+        out = super().get_query_key_value_tensors(hidden_states, key_value_states, *args, **kwargs)
+        if self._per_token_rotary is None:
+            return out
+        query, key, *rest = out
+        query = apply_rotary_pos_emb(query, self._per_token_rotary, config=self.config)
+        key = apply_rotary_pos_emb(key, self._per_token_rotary, config=self.config)
+        return (query, key, *rest)
+
+
+class PatchMerger(MegatronModule):
+    """RMSNorm per patch, then 2x2 patches concatenated -> Linear -> GELU -> Linear (TP: column, row)."""
+
+    def __init__(self, config: TransformerConfig, context_dim: int, out_dim: int, merge: int):
+        super().__init__(config=config)
+        self.hidden = context_dim * merge * merge
+        self.ln_q = RMSNorm(config, context_dim, eps=1e-6)
+        init = config.init_method
+        self.linear_fc1 = tensor_parallel.ColumnParallelLinear(
+            self.hidden, self.hidden, config=config, init_method=init, bias=True, gather_output=False
+        )
+        self.linear_fc2 = tensor_parallel.RowParallelLinear(
+            self.hidden, out_dim, config=config, init_method=config.output_layer_init_method, bias=True,
+            input_is_parallel=True, skip_bias_add=False,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln_q(x).reshape(-1, 1, self.hidden)
+        x, _ = self.linear_fc1(x)
+        x = F.gelu(x)
+        x, _ = self.linear_fc2(x)
+        return x.squeeze(1)
+
+
+class Qwen25VisionModel(MegatronModule):
+    """Conv3d patch embedding, ``depth`` megatron TransformerLayers, patch merger."""
+
+    def __init__(self, config: TransformerConfig, layer_spec: ModuleSpec, extras: Qwen25VLExtras, backend: str = "local"):
+        super().__init__(config=config)
+        self.extras = extras
+        self.backend = backend
+        kernel = (extras.temporal_patch_size, extras.patch_size, extras.patch_size)
+        self.patch_embed = torch.nn.Module()
+        self.patch_embed.proj = torch.nn.Conv3d(
+            extras.in_channels, config.hidden_size, kernel_size=kernel, stride=kernel, bias=False,
+            dtype=config.params_dtype,
+        )
+        self.decoder = TransformerBlock(
+            config=config,
+            spec=TransformerBlockSubmodules(layer_specs=[layer_spec] * config.num_layers, layer_norm=None),
+            post_layer_norm=False,
+            pre_process=True,
+            post_process=False,
+        )
+        self.merger = PatchMerger(config, config.hidden_size, extras.out_hidden_size, extras.spatial_merge_size)
+        self.full_attention_layers = set(extras.fullatt_block_indexes)
+
+    def _region_args(self, cu_seqlens: torch.Tensor, n: int, device) -> dict:
+        if self.backend == "te":
+            return {"attention_mask": None, "packed_seq_params": packed_params(cu_seqlens, device)}
+        return {"attention_mask": block_diagonal_mask(cu_seqlens, n, device)}
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, layout: Optional[VisionLayout] = None):
+        """pixel_values [N, C*T*P*P] (processor output), grid_thw [I, 3] -> merged embeddings [N/m^2, out]."""
+        ex = self.extras
+        layout = layout if layout is not None else build_vision_layout(grid_thw, ex)
+        proj = self.patch_embed.proj
+        x = pixel_values.to(proj.weight.dtype).view(-1, ex.in_channels, ex.temporal_patch_size, ex.patch_size, ex.patch_size)
+        x = proj(x).view(-1, self.config.hidden_size)
+        n, unit = x.shape[0], ex.spatial_merge_size**2
+        if n != layout.rotary_angles.shape[0]:
+            raise ValueError(f"pixel_values hold {n} patches but grid_thw describes {layout.rotary_angles.shape[0]}")
+        device = x.device
+        window_index = layout.window_index.to(device)
+        x = x.view(-1, unit, x.shape[-1])[window_index].reshape(n, 1, -1)  # [s, b=1, h]
+        rotary = layout.rotary_angles.to(device).view(n, 1, 1, -1)
+        window_args = self._region_args(layout.cu_window_seqlens, n, device)
+        image_args = self._region_args(layout.cu_image_seqlens, n, device)
+        for index, layer in enumerate(self.decoder.layers):
+            args = image_args if index in self.full_attention_layers else window_args
+            x, _ = layer(hidden_states=x, rotary_pos_emb=rotary, **args)
+        merged = self.merger(x.squeeze(1))
+        return merged[layout.reverse_index.to(device)]

@@ -272,3 +272,133 @@ def inmemory_name(name: str) -> str:
     if name.startswith("model.") and not name.startswith(("model.language_model.", "model.visual.")):
         return "model.language_model." + name[len("model."):]
     return name
+
+
+# --------------------------------------------------------------------------------------------
+# Driving the table over model chunks (this rank's shards)
+
+
+def unwrap(module):
+    """The bare model under DDP / Float16Module wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def _global_layer_name(model, name: str) -> str:
+    """Local pipeline layer index -> global index (``layer_number - 1``) for language layers."""
+    prefix = "language_model.decoder.layers."
+    if not name.startswith(prefix):
+        return name
+    local, rest = name[len(prefix):].split(".", 1)
+    layer_number = model.language_model.decoder.layers[int(local)].layer_number
+    return f"{prefix}{layer_number - 1}.{rest}"
+
+
+def resolve_params(model_chunks) -> list[tuple[ResolvedParam, torch.nn.Parameter]]:
+    """Every parameter of this rank's chunks with its table entry and global HF names."""
+    out = []
+    for chunk in model_chunks:
+        model = unwrap(chunk)
+        tied = model.extras.tie_word_embeddings
+        for name, param in model.named_parameters():
+            resolved = lookup(_global_layer_name(model, name), tied)
+            out.append((ResolvedParam(name, resolved.global_name, resolved.hf_names, resolved.mapping), param))
+    return out
+
+
+def _tp():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+
+
+def load_hf_state_dict_into(model_chunks, hf_tensors) -> list[str]:
+    """Copy this rank's shards out of ``hf_tensors`` (a mapping, either HF naming) into the chunks.
+
+    ``hf_tensors`` needs ``keys()`` and ``__getitem__`` only, so a lazy safetensors reader works and
+    only the tensors this rank owns are read. Returns the Hub names consumed. Missing tensors and
+    shape mismatches are errors naming every offending tensor.
+    """
+    by_hub = {hub_name(k): k for k in hf_tensors.keys()}
+    tp_rank, tp_size = _tp()
+    resolved = resolve_params(model_chunks)
+    missing = sorted({h for r, _ in resolved for h in r.hf_names if h not in by_hub})
+    if missing:
+        raise KeyError(f"{len(missing)} HF tensors missing from the checkpoint: {', '.join(missing[:20])}"
+                       + (" ..." if len(missing) > 20 else ""))
+    used, mismatched = [], []
+    with torch.no_grad():
+        for chunk in model_chunks:
+            ctx = MappingContext.from_extras(unwrap(chunk).extras)
+            break
+        for r, param in resolved:
+            shard = r.mapping.transform.to_megatron([hf_tensors[by_hub[h]] for h in r.hf_names], tp_rank, tp_size, ctx)
+            if tuple(shard.shape) != tuple(param.shape):
+                mismatched.append(f"{r.global_name}: expected {tuple(param.shape)}, HF gives {tuple(shard.shape)}")
+                continue
+            param.copy_(shard.to(param.dtype))
+            used.extend(r.hf_names)
+    if mismatched:
+        raise ValueError("shape mismatch: " + "; ".join(mismatched))
+    return sorted(set(used))
+
+
+def _tp_shards(param: torch.Tensor, transform) -> list[torch.Tensor]:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    if isinstance(transform, Replicated) or tp_size == 1:
+        return [param.detach()] * (1 if isinstance(transform, Replicated) else tp_size)
+    shards = [torch.empty_like(param) for _ in range(tp_size)]
+    dist.all_gather(shards, param.detach().contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return shards
+
+
+def iter_hf_tensors(model_chunks, *, all_stages: bool = True):
+    """Yield ``(hub_name, full tensor)`` for the model, gathered over TP (and over PP if ``all_stages``).
+
+    With ``all_stages`` every rank yields every tensor: each pipeline stage broadcasts its own in turn
+    (plans are exchanged first, so receivers allocate exactly). Without it, a rank yields only its
+    stage's tensors. The tied output layer copy is never yielded (``export=False``).
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    resolved = [(r, p) for r, p in resolve_params(model_chunks) if r.mapping.export]
+    ctx = MappingContext.from_extras(unwrap(model_chunks[0]).extras)
+
+    def materialise(r, p):
+        return r.mapping.transform.to_hf(_tp_shards(p, r.mapping.transform), ctx)
+
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    if not all_stages or pp_size == 1:
+        for r, p in resolved:
+            yield from zip(r.hf_names, materialise(r, p))
+        return
+    group = parallel_state.get_pipeline_model_parallel_group()
+    # Each stage's plan: per parameter, the HF names, shapes and dtype it expands to (from meta shards).
+    plan = []
+    for r, p in resolved:
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        meta = [torch.empty(p.shape, dtype=p.dtype, device="meta")] * (1 if isinstance(r.mapping.transform, Replicated) else tp_size)
+        plan.append([(h, tuple(t.shape), str(p.dtype).removeprefix("torch.")) for h, t in zip(r.hf_names, r.mapping.transform.to_hf(meta, ctx))])
+    plans = [None] * pp_size
+    dist.all_gather_object(plans, plan, group=group)
+    my_stage = parallel_state.get_pipeline_model_parallel_rank()
+    for stage in range(pp_size):
+        src = dist.get_global_rank(group, stage)
+        for index, entries in enumerate(plans[stage]):
+            if stage == my_stage:
+                tensors = [t.contiguous() for t in materialise(*resolved[index])]
+            else:
+                tensors = [torch.empty(shape, dtype=getattr(torch, dtype)) for _, shape, dtype in entries]
+            for (hf, _, _), tensor in zip(entries, tensors):
+                dist.broadcast(tensor, src=src, group=group)
+                yield hf, tensor
+
+
+def gather_hf_state_dict(model_chunks, *, all_stages: bool = True) -> dict[str, torch.Tensor]:
+    """The model as an HF state dict (Hub naming), on every rank when ``all_stages``."""
+    return dict(iter_hf_tensors(model_chunks, all_stages=all_stages))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import signal
 import socket
@@ -55,7 +56,9 @@ def _rank_main(rank, world_size, port, fn, args, kwargs, results, env):
             value = fn(*args, **kwargs)
         finally:
             teardown()
-        results.put((rank, True, value))
+        # Plain pickle: torch's queue reducers pass tensors through shared memory handles that die
+        # with this process, which may exit before the parent reads the queue.
+        results.put((rank, True, pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent with its traceback
         results.put((rank, False, traceback.format_exc()))
 
@@ -121,7 +124,7 @@ def run_world(
                 continue
             if not ok:
                 raise RankFailure(f"rank {rank} failed:\n{value}")
-            collected[rank] = value
+            collected[rank] = pickle.loads(value)
     finally:
         if len(collected) < world_size:
             _kill(procs)

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -44,6 +45,7 @@ class Qwen25VLModel(MegatronModule):
         freeze_language: bool = False,
     ):
         super().__init__(config=language_config)
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         if pre_process is None:
             pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         if post_process is None:

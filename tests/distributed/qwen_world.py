@@ -80,8 +80,9 @@ def parity_world(hf_dirs, batches, layouts):
     """For each checkpoint and layout: logits (forward only), grads (forward+backward), HF round trip."""
     from safetensors.torch import load_file
 
-    from visurf_megatron.checkpoint.mapping import gather_hf_state_dict
+    from visurf_megatron.checkpoint.mapping import gather_hf_state_dict, inmemory_name, load_hf_state_dict_into
     from visurf_megatron.checkpoint.safetensors_io import open_hf_checkpoint
+    from visurf_megatron.models.qwen2_5_vl.rope import mrope_position_ids
 
     results = []
     for kind, hf_dir in hf_dirs.items():
@@ -94,10 +95,23 @@ def parity_world(hf_dirs, batches, layouts):
             model.train()
             run_pipeline(model, extras, batches[kind], forward_only=False, pp_state=ps)
             grads = grad_summary(model)
-            gathered = gather_hf_state_dict([model])
-            mismatched = sorted(k for k in original if k not in gathered or not torch.equal(gathered[k], original[k]))
-            extra = sorted(set(gathered) - set(original))
-            results.append({"kind": kind, "layout": (tp, pp, sp), "logits": logits, "grads": grads,
+            logp = None
+            if pp == 1:
+                b = batches[kind]
+                pos, _ = mrope_position_ids(b["input_ids"], b["image_grid_thw"], image_token_id=extras.image_token_id,
+                                            spatial_merge_size=extras.spatial_merge_size, attention_mask=b["attention_mask"])
+                with torch.no_grad():
+                    logp = model(b["input_ids"], pos, b["pixel_values"], b["image_grid_thw"],
+                                 labels=torch.roll(b["input_ids"], -1, dims=1))
+            mismatched, extra = [], []
+            # Both HF key namings load; the export is always the Hub naming, bit-identical.
+            for naming in ("hub", "inmemory"):
+                source = original if naming == "hub" else {inmemory_name(k): v for k, v in original.items()}
+                load_hf_state_dict_into([model], source)
+                gathered = gather_hf_state_dict([model])
+                mismatched += [f"{naming}:{k}" for k in sorted(original) if k not in gathered or not torch.equal(gathered[k], original[k])]
+                extra += [f"{naming}:{k}" for k in sorted(set(gathered) - set(original))]
+            results.append({"kind": kind, "layout": (tp, pp, sp), "logits": logits, "grads": grads, "logp": logp,
                             "roundtrip_mismatch": mismatched, "roundtrip_extra": extra,
                             "has_vision": model.vision_model is not None})
     return results

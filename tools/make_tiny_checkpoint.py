@@ -43,6 +43,10 @@ from typing import Iterable, Sequence
 
 import torch
 
+# The processor-building logic lives in the package (the rollout engines need it); re-exported here.
+from visurf_megatron.rollout.processor import build_processor as _build_processor
+from visurf_megatron.rollout.processor import load_processor  # noqa: F401  (re-export)
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizer
 # ---------------------------------------------------------------------------------------------
@@ -359,25 +363,6 @@ def init_weights(model: torch.nn.Module, seed: int, std: float = 0.02, norm_std:
 # ---------------------------------------------------------------------------------------------
 
 
-def _image_only_processor_class():
-    """``Qwen2_5_VLProcessor`` that accepts ``video_processor=None``.
-
-    transformers 5.20.2 cannot build any Qwen2-VL-family processor without torchvision: the video
-    slot's base class (``VideoProcessorMixin``) only exists with torchvision, and
-    ``AutoProcessor.from_pretrained`` always loads ``Qwen2VLVideoProcessor`` (see
-    huggingface/transformers#48558). Images and text go through exactly the stock code path.
-    """
-    from transformers import Qwen2_5_VLProcessor
-
-    class Qwen2_5_VLImageOnlyProcessor(Qwen2_5_VLProcessor):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument is None and argument_name == "video_processor":
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    return Qwen2_5_VLImageOnlyProcessor
-
-
 def build_image_processor(min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 256):
     """Qwen2-VL image processor (PIL backend: no torchvision needed) with small pixel bounds."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -388,41 +373,9 @@ def build_image_processor(min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 *
 
 
 def build_processor(tokenizer, image_processor):
-    """An in-memory Qwen2.5-VL processor for ``tokenizer`` + ``image_processor``: the stock
-    ``Qwen2_5_VLProcessor`` when torchvision is available, else an image-only one."""
-    from transformers.utils import is_torchvision_available
-
-    if is_torchvision_available():  # pragma: no cover - torchvision is absent from the CPU env
-        from transformers import Qwen2_5_VLProcessor
-        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
-        video = Qwen2VLVideoProcessor(patch_size=14, temporal_patch_size=2, merge_size=2)
-        return Qwen2_5_VLProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, video_processor=video, chat_template=CHAT_TEMPLATE
-        )
-    cls = _image_only_processor_class()
-    return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=CHAT_TEMPLATE)
-
-
-def load_processor(path: str | os.PathLike):
-    """Load the processor of a checkpoint directory with no network.
-
-    ``AutoProcessor.from_pretrained(path)`` where torchvision is installed; otherwise (the CPU env:
-    transformers 5.20.2 then cannot load any Qwen2-VL processor) the same ``Qwen2_5_VLProcessor``
-    built from ``AutoTokenizer`` + ``AutoImageProcessor`` (PIL backend) and the saved chat template,
-    with no video processor.
-    """
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
-    from transformers.utils import is_torchvision_available
-
-    if is_torchvision_available():  # pragma: no cover - torchvision is absent from the CPU env
-        return AutoProcessor.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    image_processor = AutoImageProcessor.from_pretrained(path)
-    template_file = Path(path) / "chat_template.jinja"
-    template = template_file.read_text(encoding="utf-8") if template_file.exists() else tokenizer.chat_template
-    cls = _image_only_processor_class()
-    return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=template)
+    """An in-memory Qwen2.5-VL processor (see ``visurf_megatron.rollout.processor.build_processor``)
+    with the official chat template."""
+    return _build_processor(tokenizer, image_processor, chat_template=CHAT_TEMPLATE)
 
 
 def _write_json(path: Path, obj) -> None:

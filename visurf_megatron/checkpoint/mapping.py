@@ -393,7 +393,8 @@ def iter_hf_tensors(model_chunks, *, all_stages: bool = True):
             if stage == my_stage:
                 tensors = [t.contiguous() for t in materialise(*resolved[index])]
             else:
-                tensors = [torch.empty(shape, dtype=getattr(torch, dtype)) for _, shape, dtype in entries]
+                device = resolved[0][1].device if resolved else torch.device("cpu")
+                tensors = [torch.empty(shape, dtype=getattr(torch, dtype), device=device) for _, shape, dtype in entries]
             for (hf, _, _), tensor in zip(entries, tensors):
                 dist.broadcast(tensor, src=src, group=group)
                 yield hf, tensor

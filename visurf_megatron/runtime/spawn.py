@@ -31,8 +31,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this rank when the launching process dies (Ctrl-C, kill), so no orphan rank
+    goes on to finish (and, say, commit a half-cancelled conversion)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _rank_main(rank, world_size, port, fn, args, kwargs, results, env):
     os.setsid()
+    _die_with_parent()
     os.environ.update(env)
     if env.get("PYTHONWARNINGS") == "ignore":
         import warnings

@@ -112,18 +112,32 @@ def validate_layout(heads: int, groups: int, vision_heads: int, num_layers: int,
         raise LayoutError("sequence parallel needs tp > 1")
 
 
+# FP8 settings that count language layers (kept BF16 at the start / end of the decoder).
+_LANGUAGE_ONLY_FIELDS = ("first_last_layers_bf16", "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16")
+
+
+def _vision_overrides(overrides: Mapping[str, Any], fp8_vision: bool) -> dict[str, Any]:
+    """The overrides that apply to the vision tower: FP8 ones only when asked for."""
+    return {
+        k: v for k, v in overrides.items()
+        if k not in _LANGUAGE_ONLY_FIELDS and (fp8_vision or not k.startswith("fp8"))
+    }
+
+
 def configs_from_hf(
     hf_config: Any,
     parallel: ParallelLayout | Mapping[str, Any] | None = None,
     *,
     params_dtype: torch.dtype = torch.float32,
     vocab_divisible_by: int = 128,
+    fp8_vision: bool = False,
     **overrides: Any,
 ) -> tuple[TransformerConfig, TransformerConfig, Qwen25VLExtras]:
     """(language TransformerConfig, vision TransformerConfig, extras) for a Qwen2.5-VL config.
 
-    ``overrides`` are applied to both TransformerConfigs (e.g. ``recompute_granularity``, FP8 fields);
-    the GPU spec code passes its FP8 settings this way.
+    ``overrides`` are applied to both TransformerConfigs (e.g. ``recompute_granularity``), except FP8
+    fields (``specs.fp8_overrides``): those reach the vision tower only with ``fp8_vision=True``, and
+    the BF16 first/last-layer counts, which count language layers, never do.
     """
     hf = load_hf_config(hf_config)
     text, vision = hf.text_config, hf.vision_config
@@ -186,7 +200,7 @@ def configs_from_hf(
         pipeline_model_parallel_size=1,
         sequence_parallel=False,
         **common,
-        **overrides,
+        **_vision_overrides(overrides, fp8_vision),
     )
     extras = Qwen25VLExtras(
         vocab_size=text.vocab_size,

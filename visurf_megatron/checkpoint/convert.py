@@ -1,0 +1,195 @@
+"""HF <-> Megatron checkpoint conversion, run on every rank of a tp*pp world.
+
+Both directions validate before writing, write into a hidden temporary directory beside the output
+and move it into place at the end, so an interrupted run never leaves a half-written output.
+The CLIs in ``checkpoint_converters/`` are thin wrappers around ``hf_to_megatron`` and
+``megatron_to_hf`` (and ``launch``, which spawns a local gloo world when not run under torchrun/srun).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .hf_writer import ShardedSafetensorsWriter, commit_output, parse_size, prepare_output
+from .mapping import gather_hf_state_dict, hub_name, iter_hf_tensors, load_hf_state_dict_into  # noqa: F401
+from .megatron_io import (
+    ASSETS_DIR, DTYPES, build_model, copy_hf_assets, load_model, read_meta, resolve_checkpoint_dir, save_model,
+    write_meta,
+)
+from .safetensors_io import open_hf_checkpoint
+
+
+class ConversionError(RuntimeError):
+    """A conversion refused to run or failed; the message says why."""
+
+
+def _on_all_ranks(step: Callable[[], Any], what: str) -> Any:
+    """Run ``step`` everywhere; if it fails on any rank, raise the same error on every rank.
+
+    Without this, a rank that fails (say, a tensor missing from its pipeline stage) would leave the
+    others waiting forever in the next collective.
+    """
+    error = None
+    try:
+        result = step()
+    except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+        error, result = f"{type(exc).__name__}: {exc}", None
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    if failed:
+        rank, message = failed[0]
+        raise ConversionError(f"{what} failed on rank {rank}: {message}")
+    return result
+
+
+def _to_collective_device(model):
+    # nccl (GPU) collectives need CUDA tensors; gloo works on the CPU copies megatron built.
+    return model.cuda() if torch.cuda.is_available() and dist.get_backend() == "nccl" else model
+
+
+def _hf_dtype(config: dict) -> Optional[torch.dtype]:
+    name = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
+
+
+def _broadcast_path(path: Optional[Path]) -> Path:
+    holder = [str(path) if path is not None else None]
+    dist.broadcast_object_list(holder, src=0)
+    return Path(holder[0])
+
+
+def _progress(iterable, enabled: bool, **kwargs):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, **kwargs)
+
+
+def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int, pp: int, dtype: Optional[str] = None,
+                   overwrite: bool = False, progress: bool = True) -> dict:
+    """Convert an HF Qwen2.5-VL directory into a megatron dist checkpoint (collective over tp*pp ranks)."""
+    from visurf_megatron.runtime import setup_model_parallel
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != tp * pp:
+        raise ConversionError(f"run with tp*pp = {tp * pp} ranks (got a world of {world})")
+
+    def validate():
+        if not (hf_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{hf_dir} has no config.json")
+        if out_dir.exists() and not overwrite:
+            raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace it")
+        config = json.loads((hf_dir / "config.json").read_text())
+        torch_dtype = DTYPES[dtype] if dtype else (_hf_dtype(config) or torch.float32)
+        setup_model_parallel(tp=tp, pp=pp)
+        model, _ = build_model(config, tp, pp, torch_dtype)
+        return config, torch_dtype, _to_collective_device(model)
+
+    config, torch_dtype, model = _on_all_ranks(validate, "validation")
+
+    def load():
+        with open_hf_checkpoint(hf_dir) as reader:
+            return load_hf_state_dict_into([model], reader), [hub_name(k) for k in reader.keys()]
+
+    used, available = _on_all_ranks(load, "reading the HF checkpoint")
+    all_used = [None] * world
+    dist.all_gather_object(all_used, used)
+    unexpected = sorted(set(available) - set().union(*map(set, all_used)))
+    if unexpected:
+        raise ConversionError(f"{len(unexpected)} unexpected tensors in {hf_dir} (not part of the model): "
+                              + ", ".join(unexpected[:20]))
+    temp = _broadcast_path(_on_all_ranks(lambda: prepare_output(out_dir, overwrite) if rank == 0 else None,
+                                         "preparing the output"))
+    dist.barrier()
+    save_model([model], temp)
+    if rank == 0:
+        write_meta(temp, config, torch_dtype, tp, pp, source=str(hf_dir.resolve()))
+        copy_hf_assets(hf_dir, temp / ASSETS_DIR)
+        shutil.copy2(hf_dir / "config.json", temp / ASSETS_DIR / "config.json")
+    dist.barrier()
+    if rank == 0:
+        commit_output(temp, out_dir)
+    dist.barrier()
+    return {"out_dir": str(out_dir), "tensors": len(set(available)), "dtype": str(torch_dtype), "tp": tp, "pp": pp}
+
+
+def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, hf_template: Optional[str | Path] = None,
+                   dtype: Optional[str] = None, max_shard_size: str = "5GB", overwrite: bool = False,
+                   tp: int = 1, pp: int = 1, progress: bool = True) -> dict:
+    """Load a dist checkpoint under (tp, pp) and stream it into an HF directory (rank 0 writes)."""
+    from visurf_megatron.runtime import setup_model_parallel
+
+    out_dir = Path(out_dir)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != tp * pp:
+        raise ConversionError(f"run with tp*pp = {tp * pp} ranks (got a world of {world})")
+
+    def validate():
+        ckpt = resolve_checkpoint_dir(megatron_dir)
+        meta = read_meta(ckpt)
+        assets = Path(hf_template) if hf_template else ckpt / ASSETS_DIR
+        if not (assets / "tokenizer_config.json").is_file() and not (assets / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"no tokenizer files in {assets}; pass --hf-template with the original HF directory")
+        if out_dir.exists() and not overwrite:
+            raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace it")
+        parse_size(max_shard_size)
+        setup_model_parallel(tp=tp, pp=pp)
+        model, _ = build_model(meta["hf_config"], tp, pp, DTYPES[meta["dtype"]])
+        return ckpt, meta, assets, _to_collective_device(model)
+
+    ckpt, meta, assets, model = _on_all_ranks(validate, "validation")
+    _on_all_ranks(lambda: load_model([model], ckpt), f"loading {ckpt}")
+    out_dtype = DTYPES[dtype] if dtype else DTYPES[meta["dtype"]]
+    temp = _broadcast_path(_on_all_ranks(lambda: prepare_output(out_dir, overwrite) if rank == 0 else None,
+                                         "preparing the output"))
+    writer = ShardedSafetensorsWriter(temp, parse_size(max_shard_size), out_dtype) if rank == 0 else None
+    count = 0
+    stream = iter_hf_tensors([model], all_stages=True)
+    for name, tensor in _progress(stream, progress and rank == 0, desc="export", unit="tensor"):
+        if writer is not None:
+            writer.add(name, tensor)
+        count += 1
+    if rank == 0:
+        files = writer.close()
+        config = dict(meta["hf_config"])
+        config["dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[out_dtype]
+        config.pop("torch_dtype", None)
+        (temp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        copy_hf_assets(assets, temp)
+        commit_output(temp, out_dir)
+    else:
+        files = []
+    dist.barrier()
+    return {"out_dir": str(out_dir), "tensors": count, "files": files, "dtype": str(out_dtype)}
+
+
+def _rank_entry(fn_name: str, kwargs: dict) -> dict:
+    return {"hf_to_megatron": hf_to_megatron, "megatron_to_hf": megatron_to_hf}[fn_name](**kwargs)
+
+
+def launch(fn_name: str, world_size: int, kwargs: dict, timeout_s: float = 7 * 24 * 3600) -> dict:
+    """Run a conversion on every rank: in-process under torchrun/srun, else in a local gloo world."""
+    from visurf_megatron.runtime import init_distributed, teardown
+    from visurf_megatron.runtime.spawn import RankFailure, run_world
+
+    if any(k in os.environ for k in ("RANK", "SLURM_PROCID")):
+        init_distributed()
+        try:
+            return _rank_entry(fn_name, kwargs)
+        finally:
+            teardown()
+    try:
+        return run_world(_rank_entry, world_size, fn_name, kwargs, timeout_s=timeout_s)[0]
+    except RankFailure as exc:
+        # The last line of the failing rank's traceback is the message a user needs.
+        last = [line for line in str(exc).strip().splitlines() if line.strip()][-1]
+        raise ConversionError(last.split("ConversionError: ", 1)[-1]) from None

@@ -1,0 +1,122 @@
+"""From prompts and responses to the G(+1) rows of a step and their padded micro-batches.
+
+A row is prompt tokens (image placeholders already expanded by the processor) followed by response
+tokens: a sampled rollout, or the ground truth rendered in the rollout style and teacher forced
+(ending with the end-of-turn token, like a finished rollout). Rows of one prompt share its pixels and
+grid; every row carries its own copy in a micro-batch, so any row can sit in any micro-batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from visurf_megatron.models.qwen2_5_vl.rope import mrope_position_ids
+
+
+@dataclass
+class PreparedPrompt:
+    """A prompt as the model sees it (the processor's output for one sample)."""
+
+    sample_id: str
+    text: str  # chat-templated prompt text (what the rollout engine receives)
+    images: list  # PIL images, resized as configured
+    input_ids: torch.Tensor  # [P] with the image placeholders expanded
+    pixel_values: torch.Tensor  # [patches, C*T*P*P]
+    image_grid_thw: torch.Tensor  # [images, 3]
+    solution: object = None  # reward target in the frame of ``images``
+    sample: object = None
+
+
+@dataclass
+class Row:
+    prompt: int  # index into the step's prompts (the GRPO group)
+    response_ids: list[int]
+    is_gt: bool
+    text: str = ""
+    engine_logprobs: Optional[list[float]] = None
+    finish_reason: str = "stop"
+    reward: dict = field(default_factory=dict)  # RewardBreakdown.as_dict()
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # [B, S]
+    labels: torch.Tensor  # [B, S]: next token
+    loss_mask: torch.Tensor  # [B, S] float: 1 where labels[t] is a response token
+    position_ids: torch.Tensor  # [3, B, S]
+    pixel_values: Optional[torch.Tensor]
+    image_grid_thw: Optional[torch.Tensor]
+    row_index: torch.Tensor  # [B] index into the step's rows; -1 for padding rows
+
+    @property
+    def real_rows(self) -> torch.Tensor:
+        return self.row_index >= 0
+
+
+def gt_response_ids(tokenizer, text: str, end_of_turn_id: int) -> list[int]:
+    """Token ids of a rendered GT answer, closed by the end-of-turn token as a finished rollout is."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return list(ids) + [end_of_turn_id]
+
+
+def collate(
+    rows: Sequence[Row],
+    row_indices: Sequence[int],
+    prompts: Sequence[PreparedPrompt],
+    *,
+    image_token_id: int,
+    pad_id: int,
+    spatial_merge_size: int = 2,
+    seq_length: Optional[int] = None,
+    micro_batch_size: Optional[int] = None,
+) -> MicroBatch:
+    """Right-padded micro-batch of ``rows[row_indices]``; optional fixed shape for pipeline p2p.
+
+    Padding rows (to reach ``micro_batch_size``) repeat the first row with an all-zero loss mask, so
+    they are valid model input and contribute nothing.
+    """
+    chosen = list(row_indices)
+    if not chosen:
+        raise ValueError("a micro-batch needs at least one row")
+    index = chosen + [-1] * max(0, (micro_batch_size or len(chosen)) - len(chosen))
+    sources = [rows[i] if i >= 0 else rows[chosen[0]] for i in index]
+    seqs = [torch.cat([prompts[r.prompt].input_ids, torch.tensor(r.response_ids, dtype=torch.long)]) for r in sources]
+    longest = max(len(s) for s in seqs)
+    length = seq_length or longest
+    if longest > length:
+        raise ValueError(f"a row of {longest} tokens does not fit the micro-batch length {length}")
+    batch = len(seqs)
+    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
+    attention = torch.zeros(batch, length, dtype=torch.long)
+    loss_mask = torch.zeros(batch, length)
+    for b, (seq, row, idx) in enumerate(zip(seqs, sources, index)):
+        input_ids[b, : len(seq)] = seq
+        attention[b, : len(seq)] = 1
+        if idx >= 0:
+            prompt_len = len(prompts[row.prompt].input_ids)
+            # Position t predicts token t+1: response tokens are predicted from prompt_len-1 on.
+            loss_mask[b, prompt_len - 1 : len(seq) - 1] = 1.0
+    labels = torch.roll(input_ids, -1, dims=1)
+    labels[:, -1] = pad_id
+    pixels = [prompts[r.prompt].pixel_values for r in sources]
+    grids = [prompts[r.prompt].image_grid_thw for r in sources]
+    pixel_values = torch.cat(pixels) if pixels and pixels[0] is not None else None
+    image_grid_thw = torch.cat(grids) if grids and grids[0] is not None else None
+    position_ids, _ = mrope_position_ids(
+        input_ids, image_grid_thw, image_token_id=image_token_id, spatial_merge_size=spatial_merge_size,
+        attention_mask=attention,
+    )
+    return MicroBatch(input_ids, labels, loss_mask, position_ids, pixel_values, image_grid_thw,
+                      torch.tensor(index, dtype=torch.long))
+
+
+def plan_micro_batches(num_rows: int, micro_batch_size: int) -> list[list[int]]:
+    return [list(range(i, min(i + micro_batch_size, num_rows))) for i in range(0, num_rows, micro_batch_size)]
+
+
+def padded_length(rows: Sequence[Row], prompts: Sequence[PreparedPrompt], multiple: int = 1) -> int:
+    """One length for every micro-batch of the step (pipeline p2p needs a fixed shape)."""
+    longest = max(len(prompts[r.prompt].input_ids) + len(r.response_ids) for r in rows)
+    return -(-longest // multiple) * multiple

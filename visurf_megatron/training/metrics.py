@@ -1,0 +1,90 @@
+"""Step metrics: (sum, count) accumulation on the ranks that own each quantity, one reduction, then
+TensorBoard + ``metrics.jsonl`` on global rank 0."""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+
+
+class MetricSums:
+    """Per-rank partial sums; ``reduce()`` combines them over the world (mean = sum / count)."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, float] = defaultdict(float)
+        self.values: dict[str, float] = {}
+
+    def add(self, key: str, value: float, count: float = 1.0) -> None:
+        """``value`` is a sum over ``count`` items (add(key, x) for a single item)."""
+        self.sums[key] += float(value)
+        self.counts[key] += float(count)
+
+    def set(self, key: str, value: float) -> None:
+        """A value every owning rank agrees on (e.g. the grad norm); the first one wins."""
+        self.values[key] = float(value)
+
+    def reduce(self) -> dict[str, float]:
+        local = {"sums": dict(self.sums), "counts": dict(self.counts), "values": self.values}
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        sums, counts, values = defaultdict(float), defaultdict(float), {}
+        for part in gathered:
+            for k, v in part["sums"].items():
+                sums[k] += v
+            for k, v in part["counts"].items():
+                counts[k] += v
+            for k, v in part["values"].items():
+                values.setdefault(k, v)
+        out = {k: (sums[k] / counts[k] if counts[k] else math.nan) for k in sums}
+        out.update(values)
+        return dict(sorted(out.items()))
+
+
+class MetricsLogger:
+    """Writes on global rank 0 only; on resume, drops JSONL lines of steps about to be redone."""
+
+    def __init__(self, directory: str | Path, *, tensorboard: bool = True, jsonl: bool = True,
+                 resume_from_step: Optional[int] = None):
+        self.enabled = dist.get_rank() == 0
+        self.directory = Path(directory)
+        self.jsonl_path = self.directory / "metrics.jsonl"
+        self.writer = None
+        self.jsonl = jsonl
+        if not self.enabled:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if jsonl and self.jsonl_path.exists():
+            keep = []
+            for line in self.jsonl_path.read_text().splitlines():
+                try:
+                    if resume_from_step is not None and json.loads(line).get("step", 0) < resume_from_step:
+                        keep.append(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash
+            self.jsonl_path.write_text("".join(l + "\n" for l in keep))
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.directory / "tensorboard"), purge_step=resume_from_step)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.jsonl:
+            record = {"step": step, **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}}
+            with self.jsonl_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not math.isnan(value):
+                    self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -43,7 +43,7 @@ setup(
         ],
         # sam2 must be installed with SAM2_BUILD_CUDA=0 --no-deps on CPU (see README).
         "sam2": ["sam2==1.1.0", "hydra-core", "iopath"],
-        "eval": ["math-verify==0.9.0", "scikit-learn==1.9.1"],
+        "eval": ["math-verify==0.9.0", "scikit-learn==1.9.1", "matplotlib==3.11.2"],
         "data": ["pyarrow==26.0.1", "datasets==5.2.0"],
         "test": ["pytest==9.2.0", "pytest-timeout==2.4.0"],
     },

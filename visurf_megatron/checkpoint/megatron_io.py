@@ -49,7 +49,36 @@ def build_model(hf_config: Any, tp: int, pp: int, dtype: torch.dtype, *, initial
         hf_config, ParallelLayout(tp=tp, pp=pp, sequence_parallel=sequence_parallel), params_dtype=dtype,
         perform_initialization=initialize,
     )
-    return Qwen25VLModel(lang, vision, extras, backend=backend, **model_kwargs), extras
+    model = Qwen25VLModel(lang, vision, extras, backend=backend, **model_kwargs)
+    if not initialize:
+        mark_tensor_parallel_weights(model)
+    return model, extras
+
+
+def mark_tensor_parallel_weights(model) -> int:
+    """Set the TP attributes megatron only sets inside its weight-init functions.
+
+    With ``perform_initialization=False`` megatron-core 0.16 never marks Column/RowParallelLinear and
+    VocabParallelEmbedding weights as tensor-parallel, and the grad-norm then counts only TP rank 0's
+    shards (found by comparing TP1 and TP2 training). Returns the number of weights marked.
+    """
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, set_tensor_model_parallel_attributes,
+    )
+
+    marked = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or getattr(weight, "tensor_model_parallel", False):
+            continue
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            set_tensor_model_parallel_attributes(weight, True, 0, getattr(module, "stride", 1))
+        elif isinstance(module, RowParallelLinear):
+            set_tensor_model_parallel_attributes(weight, True, 1, getattr(module, "stride", 1))
+        else:
+            continue
+        marked += 1
+    return marked
 
 
 def copy_hf_assets(src: Path, dst: Path) -> list[str]:

@@ -16,7 +16,8 @@ How a bucket moves (the plan is built once per model and cached, see ``TransferP
    other stages receive into a buffer of the planned size. Every rank then yields views of it.
 
 Memory: beyond the model, a rank holds one bucket's flat buffer (plus, on the owner, the gathered TP
-shards of the bucket and one parameter's temporaries while it is being filled). A bucket holds at most
+shards of the bucket and one parameter's temporaries while it is being filled; a bucket of a single
+tensor is broadcast without the extra flat copy). A bucket holds at most
 ``bucket_bytes``, or one tensor when a single tensor is larger. Yielded tensors are fresh per bucket
 (never reused buffers): a consumer that keeps them keeps that memory.
 """
@@ -234,11 +235,12 @@ def get_plan(model_chunks, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, resolved
 
 
 def _fill_bucket(bucket: Bucket, resolved, ctx: MappingContext, stats: ExportStats,
-                 out: Optional[torch.Tensor]) -> list[torch.Tensor]:
+                 flat: bool) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
     """Owner side: gather the bucket's TP shards, transform to HF tensors.
 
-    With ``out`` (a flat buffer of ``bucket.hf_numel``) each HF tensor is copied into it and views of
-    ``out`` are returned; without it the transform's own tensors are returned.
+    With ``flat`` each HF tensor is copied into one new flat buffer of ``bucket.hf_numel`` elements
+    (allocated once the all-gather's send buffer is freed) and ``(views of it, buffer)`` are returned;
+    without it ``(the transform's own tensors, None)``.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -246,13 +248,19 @@ def _fill_bucket(bucket: Bucket, resolved, ctx: MappingContext, stats: ExportSta
     tp = bucket.tp_size
     gathered = None
     if bucket.gather_numel:
-        send = torch.cat([resolved[p.index][1].detach().reshape(-1) for p in bucket.params if p.gathered])
+        parts = [resolved[p.index][1].detach().reshape(-1) for p in bucket.params if p.gathered]
+        send = parts[0] if len(parts) == 1 else torch.cat(parts)  # one parameter: no staging copy
+        del parts
         gathered = torch.empty(tp * send.numel(), dtype=send.dtype, device=send.device)
         dist.all_gather_into_tensor(gathered, send, group=parallel_state.get_tensor_model_parallel_group())
         stats.all_gathers += 1
         del send
         gathered = gathered.view(tp, -1)
         stats.max_bucket_bytes = max(stats.max_bucket_bytes, gathered.numel() * gathered.element_size())
+    out = None
+    if flat:
+        device = resolved[bucket.params[0].index][1].device
+        out = torch.empty(bucket.hf_numel, dtype=getattr(torch, bucket.dtype), device=device)
     tensors: list[torch.Tensor] = []
     offset, hf_offset = 0, 0
     with torch.no_grad():
@@ -276,7 +284,7 @@ def _fill_bucket(bucket: Bucket, resolved, ctx: MappingContext, stats: ExportSta
             del shards
     materialised = out.numel() * out.element_size() if out is not None else sum(t.numel() * t.element_size() for t in tensors)
     stats.max_bucket_bytes = max(stats.max_bucket_bytes, materialised)
-    return tensors
+    return tensors, out
 
 
 def export_hf_weights(model_chunks, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
@@ -300,12 +308,17 @@ def export_hf_weights(model_chunks, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         owner = bucket.stage == plan.stage
         names = [name for p in bucket.params for name, _ in p.hf]
         if plan.pp_size == 1:
-            tensors = _fill_bucket(bucket, resolved, ctx, stats, out=None)
+            tensors, _ = _fill_bucket(bucket, resolved, ctx, stats, flat=False)
         else:
-            flat = torch.empty(bucket.hf_numel, dtype=getattr(torch, bucket.dtype), device=device)
             if owner:
-                tensors = _fill_bucket(bucket, resolved, ctx, stats, out=flat)
+                # A bucket of one tensor (the big embedding / output layer) is broadcast as it is.
+                single = len(names) == 1
+                tensors, flat = _fill_bucket(bucket, resolved, ctx, stats, flat=not single)
+                if single:
+                    tensors = [tensors[0].contiguous()]
+                    flat = tensors[0]
             else:
+                flat = torch.empty(bucket.hf_numel, dtype=getattr(torch, bucket.dtype), device=device)
                 stats.max_bucket_bytes = max(stats.max_bucket_bytes, flat.numel() * flat.element_size())
                 shapes = [shape for p in bucket.params for _, shape in p.hf]
                 tensors = [t.view(s) for t, s in zip(torch.split(flat, [math.prod(s) for s in shapes]), shapes)]

@@ -15,14 +15,24 @@ A save writes into the hidden ``.partial`` directory; rank 0 renames it into pla
 rank finished writing, then replaces ``latest`` (temporary file + ``os.replace``), then prunes.
 A kill at any point leaves ``latest`` naming a complete checkpoint.
 
+Exact resume with torch Adam (no Apex/TE; megatron-core 0.16.1), each point checked by a failing
+resume without it: the load-time sharded dict needs a full Adam state (the distributed optimizer
+asserts one common ``step``), so a dummy one is created first; loading copies into views of leaf
+parameters, so it runs under ``torch.no_grad()``; ``dp_reshardable`` keeps ``step`` as a local
+(non-persistent) object and writes the template's dummy step back over the loaded one, so the Adam
+step is saved in the common state and restored explicitly; and every RNG (python, numpy, torch,
+CUDA, megatron's tracker) is restored per rank.
+
 Resharding on load: the model loads under any TP/PP. With the plain (non-distributed) optimizer
-the optimizer state is keyed by model tensors, so it reloads under any TP/PP/DP as well. The
-distributed optimizer's ``dp_reshardable`` format follows megatron's internal buckets: it needs the
-same TP/PP (it can change DP only). Per-rank RNG states are restored only under the same layout
-(same world size, TP and PP); otherwise the RNGs keep the seeds set at start-up (logged).
+the optimizer state is keyed by model tensors, so it reloads under another TP/PP too (tested:
+PP2 -> TP2). The distributed optimizer's ``dp_reshardable`` format follows megatron's internal
+buckets: another TP/PP is refused with a clear error; megatron documents DP-only resharding for
+it (not tested here). Per-rank RNG states are restored only under the same world size, TP and PP;
+otherwise the RNGs keep the seeds set at start-up (logged).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -36,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from visurf_megatron.checkpoint.megatron_io import (
-    ASSETS_DIR, LATEST_NAME, META_NAME, copy_hf_assets, model_sharded_state_dict, write_meta,
+    ASSETS_DIR, DTYPES, LATEST_NAME, META_NAME, copy_hf_assets, model_sharded_state_dict, write_meta,
 )
 from visurf_megatron.checkpoint.mapping import unwrap
 
@@ -59,24 +69,37 @@ def partial_iteration_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f".iter_{step:07d}.partial"
 
 
+def _is_complete(directory: Path) -> bool:
+    # megatron writes metadata.json last; visurf_meta.json is written after it; then the rename.
+    return (directory / "metadata.json").is_file() and (directory / META_NAME).is_file()
+
+
 def complete_iterations(root: str | Path) -> list[int]:
     """Steps of the complete checkpoints under ``root`` (only complete ones carry the final name)."""
     root = Path(root)
     if not root.is_dir():
         return []
     steps = [int(m.group(1)) for p in root.iterdir() if p.is_dir() and (m := _ITER_RE.match(p.name))]
-    return sorted(s for s in steps if (iteration_dir(root, s) / META_NAME).is_file())
+    return sorted(s for s in steps if _is_complete(iteration_dir(root, s)))
 
 
 def latest_checkpoint(root: str | Path) -> Optional[Path]:
-    """The directory ``latest`` names, or None when there is no ``latest`` file."""
+    """The checkpoint ``latest`` names; None when there is no ``latest`` file.
+
+    Should the named directory be gone (a kill while a checkpoint of the same step was being
+    replaced), the newest complete one is used instead, with a warning.
+    """
     latest = Path(root) / LATEST_NAME
     if not latest.is_file():
         return None
     directory = iteration_dir(root, int(latest.read_text().strip()))
-    if not (directory / META_NAME).is_file() or not (directory / "metadata.json").is_file():
-        raise FileNotFoundError(f"{latest} names {directory}, which is not a complete checkpoint")
-    return directory
+    if _is_complete(directory):
+        return directory
+    steps = complete_iterations(root)
+    if not steps:
+        raise FileNotFoundError(f"{latest} names {directory}, which is not a complete checkpoint, and there is no other")
+    log.warning("%s names %s, which is not complete; using %s", latest, directory, iteration_dir(root, steps[-1]))
+    return iteration_dir(root, steps[-1])
 
 
 def _write_latest(root: Path, step: int) -> None:
@@ -240,8 +263,12 @@ def save_training_checkpoint(root: str | Path, step: int, opt_state, *, train_st
     dist_checkpointing.save(state, str(temp))
     if rank == 0:
         dtype = meta.get("dtype") or unwrap(opt_state.model_chunks[0]).config.params_dtype
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        hf_config = meta["hf_config"]
+        if isinstance(hf_config, (str, Path)):  # an HF directory
+            hf_config = json.loads((Path(hf_config) / "config.json").read_text())
         extra = {k: v for k, v in meta.items() if k not in ("hf_config", "hf_assets_src", "dtype")}
-        write_meta(temp, meta["hf_config"], dtype, layout["tp"], layout["pp"], kind="training", step=step,
+        write_meta(temp, hf_config, dtype, layout["tp"], layout["pp"], kind="training", step=step,
                    **extra)
         if meta.get("hf_assets_src"):
             src = Path(meta["hf_assets_src"])
@@ -263,8 +290,6 @@ def load_training_checkpoint(root: str | Path, opt_state) -> Optional[dict]:
     from megatron.core import dist_checkpointing
 
     directory = latest_checkpoint(root)
-    found = [directory is not None]
-    dist.all_gather_object(found, found[0]) if False else None  # noqa: E501 (kept simple: shared FS)
     if directory is None:
         return None
     common = dist_checkpointing.load_common_state_dict(str(directory))["train_state"]
@@ -272,9 +297,10 @@ def load_training_checkpoint(root: str | Path, opt_state) -> Optional[dict]:
         raise ValueError(f"{directory}: unsupported training checkpoint format {common.get('format')}")
     saved, now = common["layout"], _layout()
     same_layout = all(saved[k] == now[k] for k in ("world", "tp", "pp"))
-    if not same_layout and unwrap(opt_state.model_chunks[0]).ddp_config.use_distributed_optimizer \
-            if hasattr(unwrap(opt_state.model_chunks[0]), "ddp_config") else False:
-        pass
+    ddp_config = getattr(opt_state.model_chunks[0], "ddp_config", None)
+    if getattr(ddp_config, "use_distributed_optimizer", False) and (saved["tp"], saved["pp"]) != (now["tp"], now["pp"]):
+        raise ValueError(f"{directory} holds distributed-optimizer state saved under TP{saved['tp']} PP{saved['pp']}; "
+                         f"it reloads only under the same TP/PP (now TP{now['tp']} PP{now['pp']})")
     if not same_layout:
         log.warning("checkpoint %s was saved under %s, now %s: RNG states are not restored", directory, saved, now)
     _init_dummy_state(opt_state.optimizer)

@@ -85,6 +85,14 @@ class MetricsLogger:
                     self.writer.add_scalar(key, value, step)
             self.writer.flush()
 
+    def log_samples(self, step: int, samples: list[dict]) -> None:
+        """A few responses of the step (first group), to read what the policy writes."""
+        if not self.enabled or not self.jsonl:
+            return
+        with (self.directory / "samples.jsonl").open("a") as f:
+            for sample in samples:
+                f.write(json.dumps({"step": step, **sample}) + "\n")
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

@@ -1,6 +1,7 @@
 """Megatron DDP + (distributed) Adam, constant LR with optional linear warm-up, as Megatron-LM does it."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,28 @@ def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
 def set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def guarded_step(optimizer, loss_is_finite: bool) -> tuple[bool, float]:
+    """megatron's optimizer step with a non-finite check between the grad norm and the update.
+
+    Same sequence as ``MegatronOptimizer.step`` (prepare grads -> norm -> clip by that norm -> step),
+    but a NaN/inf loss or grad norm skips the update instead of spreading NaN into the weights.
+    Returns (stepped, grad_norm). Collective: every rank reaches the same decision.
+    """
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    if optimizer.prepare_grads():  # found inf in the (scaled) grads
+        return False, float("nan")
+    grad_norm = float(optimizer.get_grad_norm())
+    if not loss_is_finite or not math.isfinite(grad_norm):
+        return False, grad_norm
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    for opt in chained:
+        params = opt.get_parameters()
+        if params and opt.config.clip_grad > 0.0:
+            clip_grad_by_total_norm_fp32(params, max_norm=opt.config.clip_grad, total_norm=grad_norm)
+    return bool(optimizer.step_with_ready_grads()), grad_norm
 
 
 def zero_grads(state: OptimizationState) -> None:

@@ -38,7 +38,11 @@ from .batching import collate, padded_length, plan_micro_batches
 from .data_feed import PromptFeed, PromptPreparer
 from .forward import run_micro_batches
 from .metrics import MetricSums, MetricsLogger
-from .optimizer import lr_at, set_lr, wrap_and_build_optimizer, zero_grads
+from .optimizer import guarded_step, lr_at, set_lr, wrap_and_build_optimizer, zero_grads
+
+
+# Paradigm metrics that are each micro-batch's share of a globally normalised sum.
+ADDITIVE_METRICS = frozenset({"policy_loss", "kl_loss", "entropy_loss", "pg_loss", "sft_loss"})
 
 
 class TrainingAborted(RuntimeError):
@@ -169,6 +173,8 @@ class Trainer:
         self._advantage_metrics(info, keep, sums)
         train_rows = [i for i in range(len(rows)) if keep[i] and info.active_rows[i]]
         self._rows_for_metrics = rows
+        self._last_samples = [{"prompt": prompts[r.prompt].sample_id, "is_gt": r.is_gt, "text": r.text[:2000],
+                               "reward": r.reward} for r in rows[: cfg.rollout.n + 1]]
         t3 = time.perf_counter()
         update = self._update(rows, prompts, train_rows, info, sums)
         times["update"] = time.perf_counter() - t3
@@ -285,23 +291,30 @@ class Trainer:
         loss_value = sum(float(o["loss"]) for o in outputs) if outputs else 0.0
         if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
             sums.add("loss", loss_value, 1)
+            additive = {}
             for o in outputs:
                 for k, v in o["metrics"].items():
-                    sums.add(k, v)
+                    if k == "loss" or "/" in k:  # the total is logged above; namespaced = batch stats
+                        continue
+                    if k in ADDITIVE_METRICS:  # globally normalised partial sums: add them up
+                        additive[f"update/{k}"] = additive.get(f"update/{k}", 0.0) + v
+                    else:
+                        sums.add(f"update/{k}", v)
+            for k, v in additive.items():
+                sums.add(k, v, 1)
             if log_rollout_stats:
                 self._logp_metrics(micro, outputs, sums)
         finite = torch.tensor([1.0 if math.isfinite(loss_value) else 0.0])
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        grad_norm = self.opt.optimizer.get_grad_norm()
-        if finite.item() < 1 or not math.isfinite(float(grad_norm)):
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # the loss lives on the last stage only
+        stepped, grad_norm = guarded_step(self.opt.optimizer, finite.item() == 1.0)
+        sums.set("grad_norm", grad_norm)
+        if not stepped:
             zero_grads(self.opt)
             self.nonfinite_in_a_row += 1
             self.skipped_steps += 1
             sums.set("nonfinite_step", 1.0)
             return
         self.nonfinite_in_a_row = 0
-        _, grad_norm, _ = self.opt.optimizer.step()
-        sums.set("grad_norm", float(grad_norm))
 
     def _logp_metrics(self, micro, outputs, sums: MetricSums) -> None:
         """Entropy, GT log-prob and the engine/trainer mismatch, on the rows' response tokens."""
@@ -332,6 +345,7 @@ class Trainer:
                 self.step += 1
                 if self.step % max(cfg.logging.log_every, 1) == 0 or self.step == cfg.train.steps:
                     self.logger.log(self.step, metrics)
+                    self.logger.log_samples(self.step, self._last_samples)
                     if dist.get_rank() == 0:
                         print(format_metrics(self.step, metrics), flush=True)
                 abort = self.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps

@@ -97,11 +97,13 @@ def straight_world(hf_dir, batch, scenarios, steps):
             records.append(train_step(opt_state, mbs))
             if step in sc["save_at"]:
                 t0 = time.monotonic()
-                save_training_checkpoint(sc["root"], step, opt_state, train_state={"step": step, "grad_norms": [r["grad_norm"] for r in records]},
-                                         meta=_meta(hf_dir), keep_last=sc.get("keep_last", 2))
+                train_state = {"step": step, "grad_norms": [r["grad_norm"] for r in records]}  # same on all ranks
+                save_training_checkpoint(sc["root"], step, opt_state, train_state=train_state, meta=_meta(hf_dir),
+                                         keep_last=sc.get("keep_last", 2))
                 timings.append(time.monotonic() - t0)
                 if step == steps and sc.get("gather_hf"):
-                    hf_at_save = {k: v.detach().clone() for k, v in gather_hf_state_dict(opt_state.model_chunks).items()}
+                    # cloned: replicated tensors come back as views of the live parameters
+                    hf_at_save = {k: v.clone() for k, v in gather_hf_state_dict(opt_state.model_chunks).items()}
         out[sc["name"]] = {"records": records, "save_s": timings,
                            "hf": hf_at_save if dist.get_rank() == 0 else None}
     return out
@@ -119,9 +121,9 @@ def resume_world(hf_dir, batch, scenarios, steps, empty_root, plain_pp2_root, di
     opt_state, extras = build(hf_dir, 2, 1, False)
     out = {"empty": load_training_checkpoint(empty_root, opt_state)}  # None: nothing there
     state = load_training_checkpoint(plain_pp2_root, opt_state)
-    hf = gather_hf_state_dict(opt_state.model_chunks)
-    out["reshard"] = {"step": state["step"], "hf": {k: v.clone() for k, v in hf.items()} if dist.get_rank() == 0 else None,
-                      "next": train_step(opt_state, micro_batches(batch, extras))}
+    hf = {k: v.clone() for k, v in gather_hf_state_dict(opt_state.model_chunks).items()}
+    out["reshard"] = {"step": state["step"], "hf": hf if dist.get_rank() == 0 else None}
+    out["reshard"]["next"] = train_step(opt_state, micro_batches(batch, extras))
     opt_state, _ = build(hf_dir, 1, 2, True)
     try:
         load_training_checkpoint(distopt_tp2_root, opt_state)

@@ -139,6 +139,7 @@ def test_training_checkpoint_converts_to_hf(runs, tmp_path):
     different = [k for k in expected if not torch.equal(exported[k], expected[k])]
     assert different == []
     with open_hf_checkpoint(runs["hf"]) as reader:  # and it is the trained model, not the initial one
-        assert not torch.equal(reader["model.layers.0.mlp.up_proj.weight"], exported["model.layers.0.mlp.up_proj.weight"])
+        name = "model.layers.0.mlp.up_proj.weight"
+        assert not torch.equal(reader[name], exported[name])
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
 

@@ -97,7 +97,8 @@ def latest_checkpoint(root: str | Path) -> Optional[Path]:
         return directory
     steps = complete_iterations(root)
     if not steps:
-        raise FileNotFoundError(f"{latest} names {directory}, which is not a complete checkpoint, and there is no other")
+        raise FileNotFoundError(f"{latest} names {directory}, which is not a complete checkpoint; "
+                                "there is no other")
     log.warning("%s names %s, which is not complete; using %s", latest, directory, iteration_dir(root, steps[-1]))
     return iteration_dir(root, steps[-1])
 

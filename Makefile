@@ -19,6 +19,9 @@ $(STAMP): setup.py
 	@$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"need Python 3.11, .venv has {sys.version}"'
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[cpu,eval,data,test]'
+	@# shellcheck for the launcher tests (Debian package; the tests skip with a reason without it).
+	@command -v shellcheck >/dev/null 2>&1 || (apt-get install -y -qq shellcheck >/dev/null 2>&1 || \
+	  (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq shellcheck >/dev/null 2>&1)) || true
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

@@ -36,7 +36,7 @@ def _bench(base: dict, steps: int) -> dict:
         prompts = [trainer.preparer(s) for s in trainer.feed.next_batch()]
         t0 = time.perf_counter()
         trainer.sync_weights()
-        completions = experience.generate_rollouts(trainer.engine, prompts, trainer.sampling(step))
+        completions = experience.generate_rollouts(trainer.engine, prompts, trainer.sampling(step), call_index=step)
         shared = time.perf_counter() - t0
         for name, paradigm in paradigms.items():
             trainer.paradigm = paradigm

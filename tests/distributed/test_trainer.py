@@ -67,3 +67,31 @@ def test_tp2_and_pp2_match_tp1(setup):
     for name, history in zip(("tp2", "pp2"), other):
         for key in ("loss", "grad_norm", "reward/total", "entropy", "gt_logp"):
             assert history[0][key] == pytest.approx(tp1[0][key], rel=1e-4, abs=1e-5), (name, key)
+
+
+def _metrics_by_step(path):
+    out = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        out[record["step"]] = {k: v for k, v in record.items() if not k.startswith(("time/", "throughput/"))}
+    return out
+
+
+def test_resume_reproduces_the_straight_run_exactly(setup):
+    from .trainer_world import train_run
+
+    root, base = setup
+    straight, resumed = root / "straight", root / "resumed"
+    common = ["parallel.tp=2", "train.steps=4", "checkpoint.save_every=2", "rollout.max_new_tokens=10"]
+    run_world(train_run, 2, base, [*common, f"checkpoint.dir={straight}/ckpt", f"logging.dir={straight}/logs"],
+              timeout_s=600)
+    # Stop after 2 steps (as a kill after the step-2 checkpoint would), then start again: it resumes.
+    run_world(train_run, 2, base, [*common, "train.steps=2", f"checkpoint.dir={resumed}/ckpt",
+                                   f"logging.dir={resumed}/logs"], timeout_s=600)
+    run_world(train_run, 2, base, [*common, f"checkpoint.dir={resumed}/ckpt", f"logging.dir={resumed}/logs"],
+              timeout_s=600)
+    a, b = _metrics_by_step(straight / "logs" / "metrics.jsonl"), _metrics_by_step(resumed / "logs" / "metrics.jsonl")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert a[step] == b[step], f"step {step} differs after resume"
+    assert (resumed / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"

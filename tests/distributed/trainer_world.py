@@ -31,3 +31,10 @@ def run_steps(base: dict, runs: list[list[str]], steps: int) -> list[list[dict]]
 
 def finite(value) -> bool:
     return isinstance(value, float) and math.isfinite(value)
+
+
+def train_run(base: dict, overrides: list[str]) -> None:
+    """A whole ``Trainer.train()`` (checkpoints, resume, metrics.jsonl) as the CLI would run it."""
+    from visurf_megatron.training.trainer import Trainer
+
+    Trainer(_config(base, overrides)).train()

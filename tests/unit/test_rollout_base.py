@@ -99,7 +99,6 @@ def test_plan_buckets_bound_sizes_and_split_dtypes():
     assert largest == 64 * 64 * 2 * 4  # the single oversized parameter gets a bucket of its own
     assert all(b.nbytes <= 1024 for b in buckets if len(b.params) > 1)
     assert {b.dtype for b in buckets if 11 in [p.index for p in b.params]} == {"bfloat16"}
-    assert all(len({d for d in [b.dtype]}) == 1 for b in buckets)
     # 8x4 fp32 shards gathered over 2 ranks = 256 bytes each: four fit in 1 KiB.
     assert [len(b.params) for b in buckets][:3] == [4, 4, 2]
     assert len(plan_buckets(params, dtypes, stage=0, tp_size=2, bucket_bytes=1 << 30)) == 2  # one per dtype
@@ -122,10 +121,13 @@ def test_engine_state_machine():
 
 
 def test_engines_satisfy_the_protocol():
+    import inspect
+
     from visurf_megatron.rollout.hf_engine import HFRolloutEngine
     from visurf_megatron.rollout.vllm_engine import VLLMRolloutEngine
 
     for cls in (HFRolloutEngine, VLLMRolloutEngine):
         for method in ("update_weights", "generate", "sleep", "wake_up"):
-            assert callable(getattr(cls, method))
-    assert isinstance(RolloutEngine, type)
+            params = list(inspect.signature(getattr(cls, method)).parameters)
+            expected = list(inspect.signature(getattr(RolloutEngine, method)).parameters)
+            assert params[: len(expected)] == expected, f"{cls.__name__}.{method}{params} != protocol {expected}"

@@ -223,3 +223,15 @@ def test_module_imports_without_vllm():
     code = ("import sys; import visurf_megatron.rollout.vllm_engine, visurf_megatron.rollout.hf_engine; "
             "assert 'vllm' not in sys.modules, 'vllm imported eagerly'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_build_engine_from_rollout_config(fake_vllm):
+    from visurf_megatron.config import RolloutConfig
+    from visurf_megatron.rollout import VLLMRolloutEngine, build_engine
+
+    engine = build_engine(RolloutConfig(engine="vllm", tp=1, gpu_memory_utilization=0.35, seed=8), fake_vllm)
+    assert isinstance(engine, VLLMRolloutEngine)
+    kwargs = FakeLLM.instances[-1].kwargs
+    assert (kwargs["tensor_parallel_size"], kwargs["gpu_memory_utilization"], kwargs["seed"]) == (1, 0.35, 8)
+    with pytest.raises(ValueError, match="unknown rollout engine"):
+        build_engine(SimpleNamespace(engine="sglang"), fake_vllm)

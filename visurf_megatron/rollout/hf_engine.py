@@ -170,7 +170,7 @@ class HFRolloutEngine:
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> list[list[Completion]]:
         from transformers import GenerationConfig
 
-        if self.state.weights_stale and self._pending:
+        if self._pending and "weights" not in self.state.asleep:
             missing = self.missing_weights
             raise RuntimeError(f"{len(missing)} parameters were never loaded (e.g. {missing[:3]}); call update_weights()")
         self.state.require_ready()

@@ -6,20 +6,24 @@ the model (Hub naming; the tied ``lm_head`` is never yielded), bit-identical to 
 rank of the model-parallel group (TP x PP) must iterate it to the end, in lockstep; every rank yields
 every tensor. Data-parallel replicas run their own copies independently.
 
-How a bucket moves (the plan is built once per model and cached, see ``TransferPlan``):
+How a bucket moves (the plan is built once per model and cached, see ``get_plan``):
 
-1. The owning pipeline stage flattens the TP shards of the bucket's sharded parameters into one buffer
-   and runs **one** ``all_gather_into_tensor`` over its TP group (replicated parameters need none).
+1. The owning pipeline stage stages the TP shards of the bucket's sharded parameters in one buffer and
+   runs **one** ``all_gather_into_tensor`` over its TP group (replicated parameters need none). The
+   send / receive buffers live in one workspace reused by every bucket of an export.
 2. Each parameter's full HF tensors come from the mapping table's ``to_hf`` transform (QKV grouped
-   re-layout, gate/up split, vocabulary-padding trim) and are copied into one flat bucket buffer.
-3. With PP > 1 that flat buffer is **one** ``broadcast`` from the owner stage over the PP group; the
-   other stages receive into a buffer of the planned size. Every rank then yields views of it.
+   re-layout, gate/up split, vocabulary-padding trim).
+3. With PP > 1 they are copied into one flat bucket buffer and that is **one** ``broadcast`` from the
+   owner stage over the PP group (a bucket of a single tensor is broadcast as it is); the other stages
+   receive into a buffer of the planned size. Every rank then yields views of it.
 
-Memory: beyond the model, a rank holds one bucket's flat buffer (plus, on the owner, the gathered TP
-shards of the bucket and one parameter's temporaries while it is being filled; a bucket of a single
-tensor is broadcast without the extra flat copy). A bucket holds at most
-``bucket_bytes``, or one tensor when a single tensor is larger. Yielded tensors are fresh per bucket
-(never reused buffers): a consumer that keeps them keeps that memory.
+Memory: beyond the model, a rank holds one bucket (its flat buffer, or with PP = 1 its HF tensors),
+plus, on the owner while it fills the bucket, the workspace (the gathered shards of at most one
+bucket) and one parameter's transform temporaries. A bucket holds at most ``bucket_bytes``, or one
+tensor when a single tensor is larger. Yielded tensors never alias the workspace and are never reused
+for a later bucket (a consumer that keeps them keeps that memory); on its own stage a replicated
+parameter (norms, biases) may be yielded as a detached view of the model's own tensor: consumers copy
+(vLLM's ``load_weights`` and the transformers engine do), anything kept must be cloned.
 """
 from __future__ import annotations
 
@@ -234,8 +238,43 @@ def get_plan(model_chunks, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, resolved
 # Streaming
 
 
+class _Workspace:
+    """One byte buffer for the all-gather's send and receive buffers, reused by every bucket this rank
+    owns in one export (never handed to the consumer), so its pages are touched once per export, not
+    once per bucket. Allocated at the first owned bucket, released after the last one."""
+
+    def __init__(self, nbytes: int, device):
+        self.nbytes, self.device, self.buffer = nbytes, device, None
+
+    def take(self, offset_bytes: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.buffer is None:
+            self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+        start = -(-offset_bytes // 64) * 64  # keep views aligned
+        return self.buffer[start:start + numel * dtype.itemsize].view(dtype)
+
+    def aliases(self, tensor: torch.Tensor) -> bool:
+        if self.buffer is None:
+            return False
+        base = self.buffer.data_ptr()
+        return base <= tensor.data_ptr() < base + self.buffer.numel()
+
+    def release(self) -> None:
+        self.buffer = None
+
+
+def _workspace_bytes(plan: "TransferPlan") -> int:
+    """Room for the largest owned bucket's gathered shards, plus its send staging when it stages
+    several parameters (a single parameter is sent from the model's own tensor)."""
+    def need(b: Bucket) -> int:
+        send = -(-b.gather_numel * _itemsize(b.dtype) // 64) * 64
+        staged = sum(p.gathered for p in b.params) > 1
+        return send * b.tp_size + (send if staged else 0) + 64
+
+    return max((need(b) for b in plan.buckets if b.stage == plan.stage and b.gather_numel), default=0)
+
+
 def _fill_bucket(bucket: Bucket, resolved, ctx: MappingContext, stats: ExportStats,
-                 flat: bool) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
+                 flat: bool, workspace: Optional[_Workspace] = None) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
     """Owner side: gather the bucket's TP shards, transform to HF tensors.
 
     With ``flat`` each HF tensor is copied into one new flat buffer of ``bucket.hf_numel`` elements
@@ -249,9 +288,14 @@ def _fill_bucket(bucket: Bucket, resolved, ctx: MappingContext, stats: ExportSta
     gathered = None
     if bucket.gather_numel:
         parts = [resolved[p.index][1].detach().reshape(-1) for p in bucket.params if p.gathered]
-        send = parts[0] if len(parts) == 1 else torch.cat(parts)  # one parameter: no staging copy
+        dtype, numel = parts[0].dtype, bucket.gather_numel
+        if workspace is not None and workspace.nbytes:
+            gathered = workspace.take(0, tp * numel, dtype)
+            send = parts[0] if len(parts) == 1 else torch.cat(parts, out=workspace.take(tp * numel * dtype.itemsize, numel, dtype))
+        else:
+            gathered = torch.empty(tp * numel, dtype=dtype, device=parts[0].device)
+            send = parts[0] if len(parts) == 1 else torch.cat(parts)  # one parameter: no staging copy
         del parts
-        gathered = torch.empty(tp * send.numel(), dtype=send.dtype, device=send.device)
         dist.all_gather_into_tensor(gathered, send, group=parallel_state.get_tensor_model_parallel_group())
         stats.all_gathers += 1
         del send
@@ -275,7 +319,8 @@ def _fill_bucket(bucket: Bucket, resolved, ctx: MappingContext, stats: ExportSta
                 if tuple(tensor.shape) != shape:
                     raise RuntimeError(f"{name}: planned shape {shape}, transform gave {tuple(tensor.shape)}")
                 if out is None:
-                    tensors.append(tensor)
+                    # Never hand out a view of the reused workspace (the transforms copy, but be sure).
+                    tensors.append(tensor.clone() if workspace is not None and workspace.aliases(tensor) else tensor)
                 else:
                     view = out[hf_offset:hf_offset + tensor.numel()].view(shape)
                     view.copy_(tensor)
@@ -304,16 +349,18 @@ def export_hf_weights(model_chunks, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     ctx = MappingContext.from_extras(unwrap(model_chunks[0]).extras)
     device = resolved[0][1].device if resolved else torch.device("cpu")
     pp_group = parallel_state.get_pipeline_model_parallel_group() if plan.pp_size > 1 else None
-    for bucket in plan.buckets:
+    workspace = _Workspace(_workspace_bytes(plan), device)
+    last_gather = max((i for i, b in enumerate(plan.buckets) if b.stage == plan.stage and b.gather_numel), default=-1)
+    for index, bucket in enumerate(plan.buckets):
         owner = bucket.stage == plan.stage
         names = [name for p in bucket.params for name, _ in p.hf]
         if plan.pp_size == 1:
-            tensors, _ = _fill_bucket(bucket, resolved, ctx, stats, flat=False)
+            tensors, _ = _fill_bucket(bucket, resolved, ctx, stats, flat=False, workspace=workspace)
         else:
             if owner:
                 # A bucket of one tensor (the big embedding / output layer) is broadcast as it is.
                 single = len(names) == 1
-                tensors, flat = _fill_bucket(bucket, resolved, ctx, stats, flat=not single)
+                tensors, flat = _fill_bucket(bucket, resolved, ctx, stats, flat=not single, workspace=workspace)
                 if single:
                     tensors = [tensors[0].contiguous()]
                     flat = tensors[0]
@@ -322,9 +369,13 @@ def export_hf_weights(model_chunks, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                 stats.max_bucket_bytes = max(stats.max_bucket_bytes, flat.numel() * flat.element_size())
                 shapes = [shape for p in bucket.params for _, shape in p.hf]
                 tensors = [t.view(s) for t, s in zip(torch.split(flat, [math.prod(s) for s in shapes]), shapes)]
+            if index == last_gather:
+                workspace.release()
             dist.broadcast(flat, src=dist.get_global_rank(pp_group, bucket.stage), group=pp_group)
             stats.broadcasts += 1
             del flat
+        if index == last_gather:
+            workspace.release()
         stats.buckets += 1
         # Hand the bucket out one tensor at a time, dropping our references as we go.
         tensors.reverse()

@@ -143,10 +143,13 @@ def _torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
 
 def _adam_step(optimizer) -> Optional[float]:
     """The optimizer's step count (one value for every parameter; None before the first step)."""
-    steps = set()
+    steps, group_steps = set(), set()
     for opt in _torch_optimizers(optimizer):
         steps |= {float(s["step"]) for s in opt.state.values() if "step" in s}
-        steps |= {float(g["step"]) for g in opt.param_groups if g.get("step") is not None and g["params"]}
+        group_steps |= {float(g["step"]) for g in opt.param_groups if g.get("step") is not None and g["params"]}
+    # torch Adam advances the per-parameter steps only; a group-level "step" (left there by megatron's
+    # state_dict / load for Apex-style optimizers) goes stale, so it counts only when no state exists.
+    steps = steps or group_steps
     if len(steps) > 1:
         raise RuntimeError(f"optimizer steps differ between parameters: {sorted(steps)}")
     return steps.pop() if steps else None

@@ -37,9 +37,16 @@ def broadcast_within_model_parallel(obj):
     return holder[0]
 
 
-def generate_rollouts(engine, prompts: Sequence[PreparedPrompt], sampling, *, spmd: bool = False):
-    """[prompt][G] completions, identical on every rank of the model-parallel group."""
+def generate_rollouts(engine, prompts: Sequence[PreparedPrompt], sampling, *, spmd: bool = False,
+                      call_index: Optional[int] = None):
+    """[prompt][G] completions, identical on every rank of the model-parallel group.
+
+    ``call_index`` (the training step) fixes the engine's per-call seed offset, so a resumed run
+    samples exactly the rollouts the uninterrupted run would have.
+    """
     requests = [RolloutRequest(prompt=p.text, images=tuple(p.images)) for p in prompts]
+    if engine is not None and call_index is not None:
+        engine.calls = call_index
     if spmd:
         return engine.generate(requests, sampling)
     completions = engine.generate(requests, sampling) if is_generating_rank() else None

@@ -45,8 +45,27 @@ class MetricSums:
         return dict(sorted(out.items()))
 
 
+def truncate_jsonl(path: Path, keep_through_step: Optional[int]) -> None:
+    """Keep the records of steps <= ``keep_through_step`` (all of them if None); drop cut lines.
+
+    Records are numbered by completed steps, so after resuming from the step-k checkpoint the
+    next record is k+1 and nothing is logged twice.
+    """
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line).get("step", 0)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+        if keep_through_step is None or step <= keep_through_step:
+            keep.append(line)
+    path.write_text("".join(line + "\n" for line in keep))
+
+
 class MetricsLogger:
-    """Writes on global rank 0 only; on resume, drops JSONL lines of steps about to be redone."""
+    """Writes on global rank 0 only; on resume, drops JSONL lines (and samples) of steps about to be redone."""
 
     def __init__(self, directory: str | Path, *, tensorboard: bool = True, jsonl: bool = True,
                  resume_from_step: Optional[int] = None):
@@ -58,19 +77,14 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        if jsonl and self.jsonl_path.exists():
-            keep = []
-            for line in self.jsonl_path.read_text().splitlines():
-                try:
-                    if resume_from_step is not None and json.loads(line).get("step", 0) < resume_from_step:
-                        keep.append(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a crash
-            self.jsonl_path.write_text("".join(l + "\n" for l in keep))
+        if jsonl:
+            for path in (self.jsonl_path, self.directory / "samples.jsonl"):
+                truncate_jsonl(path, resume_from_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.directory / "tensorboard"), purge_step=resume_from_step)
+            purge = None if resume_from_step is None else resume_from_step + 1
+            self.writer = SummaryWriter(str(self.directory / "tensorboard"), purge_step=purge)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

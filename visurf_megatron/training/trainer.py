@@ -122,9 +122,9 @@ class Trainer:
         return self.opt.model_chunks
 
     def sampling(self, step: int) -> SamplingConfig:
-        # A fresh, reproducible seed per step and DP replica: resuming regenerates the same rollouts.
+        # One seed per DP replica; the engine offsets it per call, and the call index is the step.
         dp_rank = parallel_state.get_data_parallel_rank()
-        return SamplingConfig.from_config(self.cfg.rollout, seed=self.cfg.rollout.seed + 1_000_003 * step + 7919 * dp_rank)
+        return SamplingConfig.from_config(self.cfg.rollout, seed=self.cfg.rollout.seed + 7919 * dp_rank)
 
     def sync_weights(self) -> None:
         """Collective over all ranks: stream the current weights into the engine (or just take part)."""
@@ -147,7 +147,8 @@ class Trainer:
             self.sync_weights()
             times["sync"] = time.perf_counter() - t0
             t1 = time.perf_counter()
-            completions = experience.generate_rollouts(self.engine, prompts, self.sampling(step), spmd=self.spmd_engine)
+            completions = experience.generate_rollouts(self.engine, prompts, self.sampling(step), spmd=self.spmd_engine,
+                                                       call_index=step)
             if self.engine is not None:
                 self.engine.sleep()
             times["generate"] = time.perf_counter() - t1
@@ -364,8 +365,9 @@ class Trainer:
         return {"step": self.step, "consumed": self.feed.consumed, "skipped_steps": self.skipped_steps}
 
     def checkpoint_meta(self) -> dict:
-        return {"hf_config": self.hf_config, "dtype": self.dtype, "tp": self.cfg.parallel.tp,
-                "pp": self.cfg.parallel.pp, "hf_assets_src": self.cfg.model.hf_path}
+        # Layout and dtype are recorded by the checkpoint writer itself (from the model).
+        return {"hf_config": self.hf_config, "hf_assets_src": self.cfg.model.hf_path,
+                "paradigm": self.cfg.algorithm.paradigm}
 
 
 def plan_micro_batches_of(indices, micro_batch_size: int) -> list[list[int]]:

@@ -19,6 +19,9 @@ $(STAMP): setup.py
 	@$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"need Python 3.11, .venv has {sys.version}"'
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[cpu,eval,data,test]'
+	@# sam2 without its CUDA build and without its torchvision dependency (which would pull a CUDA torch).
+	$(PY) -m pip install --quiet 'setuptools>=61' 'hydra-core==1.3.8' 'iopath==0.1.10'
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install --quiet --no-build-isolation --no-deps 'sam2==1.1.0'
 	@# shellcheck for the launcher tests (Debian package; the tests skip with a reason without it).
 	@command -v shellcheck >/dev/null 2>&1 || (apt-get install -y -qq shellcheck >/dev/null 2>&1 || \
 	  (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq shellcheck >/dev/null 2>&1)) || true

@@ -187,8 +187,10 @@ def _oracle(ckpt, val, square):
 def test_oracle_answers_map_back_to_the_original_frame(ckpt, val, tmp_path):
     square = 100  # 56 -> 100: a non-integer scale; rounding both ways must land on the GT pixels
     engine, processor = _oracle(ckpt, val, square)
+    # bbox acc in "union" mode: the default ("any" predicted box vs the GT union box, the authors'
+    # loop) cannot credit a multi-object GT even when every box is right.
     cfg = EvalConfig(model=str(ckpt), data=str(val), task="grounding", out=str(tmp_path / "o"), segmenter="box",
-                     image_size=square, overlays=1, progress=False)
+                     image_size=square, overlays=1, progress=False, bbox_mode="union")
     metrics = run_evaluation(cfg, engine=engine, processor=processor)["metrics"]
     assert metrics["bbox_acc"] == 1.0 and metrics["n_acc"] == 1.0 and metrics["t_acc"] == 1.0
     assert metrics["parse_fail_rate"] == 0.0
@@ -217,8 +219,14 @@ def test_random_sam2_path_runs_on_predicted_objects(ckpt, val, tmp_path):
     assert targets and all(r["objects"] for r in targets)
     assert all(0 <= r["stats"]["inter"] <= r["stats"]["union"] for r in recs)
     assert any(r["stats"]["pred_area"] > 0 for r in targets)  # SAM2 produced masks
-    assert payload["metrics"]["bbox_acc"] == 1.0  # boxes do not depend on the segmenter
-    # The CLI flags reach the same code: a missing checkpoint is a clear error, nothing downloaded.
+    assert all(0.0 <= v <= 1.0 for k, v in payload["metrics"].items() if k != "count" and v is not None)
+    # Through the CLI with the tiny checkpoint (its random answers rarely hold objects to prompt SAM2 with).
+    out = tmp_path / "cli"
+    assert main(["--model", str(ckpt), "--data", str(val), "--task", "grounding", "--sam2-random-init",
+                 "--sam2-image-size", "256", "--limit", "2", "--out", str(out)] + FAST) == 0
+    cli = json.loads((out / "metrics.json").read_text())
+    assert cli["segmenter"] == RANDOM_INIT_LABEL and cli["metrics"]["count"] == 2
+    # A missing checkpoint is a clear error; nothing is downloaded.
     assert main(["--model", str(ckpt), "--data", str(val), "--task", "grounding", "--sam2-checkpoint",
                  str(tmp_path / "none.pt"), "--out", str(tmp_path / "x")] + FAST) == 2
 
@@ -296,3 +304,54 @@ def test_benchmark_layouts(tmp_path):
     assert load_eval_items(math_path, task="math")[0].sample.choices == ["1", "2"]
     with pytest.raises(FileNotFoundError):
         load_eval_items(tmp_path / "missing.jsonl", task="grounding")
+
+
+def _score(path: Path, task: str, responses: list[str], square: int = 100) -> tuple[list[dict], dict]:
+    from visurf_megatron.eval.scoring import score_sample
+
+    records = []
+    for item, response in zip(load_eval_items(path, task=task), responses):
+        image = item.sample.load_image() if item.sample.has_image else None
+        rec, _ = score_sample(item, response, image=image, image_size=square, segmenter=BoxSegmenter())
+        records.append({"id": item.id, "index": item.index, "finish_reason": "stop", **rec})
+    return records, metrics_from_records(records, task)
+
+
+def test_gui_anomaly_math_chartqa_docvqa_scoring(tmp_path):
+    Image.new("RGB", (20, 10)).save(tmp_path / "im.png")
+
+    def write(name, rows):
+        (tmp_path / name).write_text("\n".join(json.dumps({"image": "im.png", "text": "q", **r}) for r in rows))
+        return tmp_path / name
+
+    # GUI: the square is 100 px, so x is divided by 5 and y by 10 on the way back.
+    gui = write("gui.jsonl", [{"id": "hit", "bbox": [10, 0, 19, 9]}, {"id": "miss", "bbox": [10, 0, 19, 9]}])
+    recs, m = _score(gui, "gui", ['<answer>[{"bbox_2d": [60, 0, 90, 90], "point_2d": [75, 50]}]</answer>',
+                                  '<answer>[{"bbox_2d": [0, 0, 40, 90], "point_2d": [25, 50]}]</answer>'])
+    assert recs[0]["objects"] == [{"bbox_2d": [12, 0, 18, 9], "point_2d": [15, 5]}]
+    assert [r["stats"]["hit"] for r in recs] == [True, False] and m["accuracy"] == 0.5
+    # Anomaly: label from the GT mask; score = predicted mask area / image area.
+    defect = np.zeros((10, 20), int)
+    defect[2:6, 2:8] = 1
+    anomaly = write("anomaly.jsonl", [{"id": "defect", "mask": defect.tolist()},
+                                      {"id": "normal_ok", "mask": np.zeros((10, 20), int).tolist()},
+                                      {"id": "normal_fp", "mask": np.zeros((10, 20), int).tolist()}])
+    recs, m = _score(anomaly, "anomaly", ['<answer>[{"bbox_2d": [10, 20, 40, 60]}]</answer>', "<answer>[]</answer>",
+                                          '<answer>[{"bbox_2d": [0, 0, 5, 10]}]</answer>'])
+    assert [r["stats"]["label"] for r in recs] == [1, 0, 0] and [r["stats"]["pred_label"] for r in recs] == [1, 0, 1]
+    # [10,20,40,60] -> [2,2,8,6]: 7 x 5 inclusive pixels; [0,0,5,10] -> [0,0,1,1]: 2 x 2.
+    assert recs[0]["stats"]["score"] == pytest.approx(35 / 200) and recs[2]["stats"]["score"] == pytest.approx(4 / 200)
+    assert m["roc_auc"] == 1.0 and m["acc"] == pytest.approx(2 / 3)
+    math_path = tmp_path / "math.jsonl"
+    math_path.write_text(json.dumps({"id": "m1", "text": "1+1?", "answer": "2"}) + "\n"
+                         + json.dumps({"id": "m2", "text": "pick", "answer": "B", "choices": ["3", "4"]}) + "\n")
+    _, m = _score(math_path, "math", ["<think>x</think><answer>\\boxed{2}</answer>", "<answer>\\boxed{3}</answer>"])
+    assert m["accuracy"] == 0.5
+    chart = tmp_path / "chart.jsonl"
+    chart.write_text(json.dumps({"id": "c", "query": "how many?", "label": ["10"]}) + "\n")
+    _, m = _score(chart, "chartqa", ["<answer>10.3</answer>"])
+    assert m["relaxed_acc"] == 1.0  # within 5%
+    doc = tmp_path / "doc.jsonl"
+    doc.write_text(json.dumps({"id": "d", "question": "what?", "answers": ["hello world", "hi"]}) + "\n")
+    recs, m = _score(doc, "docvqa", ["<answer>Hello Word</answer>"])
+    assert recs[0]["answer"] == "Hello Word" and m["anls"] == pytest.approx(1 - 1 / 11)

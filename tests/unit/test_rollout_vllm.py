@@ -31,6 +31,7 @@ def test_llm_kwargs_spmd_sleep_dummy_processed_logprobs(tmp_path):
     assert kw["limit_mm_per_prompt"] == {"image": 2, "video": 0}
     assert kw["max_model_len"] == 4096 and kw["mm_processor_kwargs"] == {"max_pixels": 1003520}
     assert kw["enforce_eager"] is True and kw["seed"] == 3
+    assert llm_kwargs(tmp_path, dtype=torch.bfloat16)["dtype"] == "bfloat16"
     with pytest.raises(ValueError):
         llm_kwargs(tmp_path, tensor_parallel_size=0)
     with pytest.raises(ValueError):

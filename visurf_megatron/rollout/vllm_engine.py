@@ -42,7 +42,7 @@ def llm_kwargs(
     *,
     tensor_parallel_size: int = 1,
     gpu_memory_utilization: float = 0.5,
-    dtype: str = "bfloat16",
+    dtype: str | torch.dtype = "bfloat16",
     seed: int = 0,
     max_model_len: Optional[int] = None,
     max_images_per_prompt: int = 1,
@@ -51,7 +51,10 @@ def llm_kwargs(
     mm_processor_kwargs: Optional[Mapping[str, Any]] = None,
     extra: Optional[Mapping[str, Any]] = None,
 ) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.LLM`` for an SPMD rollout engine (pure)."""
+    """Keyword arguments of ``vllm.LLM`` for an SPMD rollout engine (pure). ``dtype`` is a vLLM dtype
+    name or a ``torch.dtype`` (given by name)."""
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
     if tensor_parallel_size < 1:
         raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
     if not 0.0 < gpu_memory_utilization <= 1.0:
@@ -162,7 +165,7 @@ class VLLMRolloutEngine:
         *,
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.5,
-        dtype: str = "bfloat16",
+        dtype: str | torch.dtype = "bfloat16",
         seed: int = 0,
         max_model_len: Optional[int] = None,
         max_images_per_prompt: int = 1,

@@ -244,3 +244,18 @@ def test_freeze_semantics_in_a_one_rank_world(tmp_path):
     assert g["merger"]["nonzero"] == g["merger"]["total"] == 5  # ln_q; fc1 weight, bias; fc2 weight, bias
     assert g["vision"]["none"] == g["vision"]["total"] > 0
     assert g["language"]["none"] == g["language"]["total"] > 0
+
+
+def test_model_config_reaches_the_transformer_configs():
+    """config.ModelConfig (fp8, recipe, bf16 first/last, recompute) -> TransformerConfig fields."""
+    from visurf_megatron.checkpoint.megatron_io import transformer_overrides
+    from visurf_megatron.config import load_config
+
+    cfg = load_config(None, ["model.fp8=hybrid", "model.fp8_recipe=tensorwise", "model.fp8_bf16_first_last_layers=2",
+                             "model.recompute=full"])
+    out = transformer_overrides(cfg.model)
+    assert out["fp8"] == "hybrid" and out["fp8_recipe"] == "tensorwise"
+    assert out["first_last_layers_bf16"] is True and out["num_layers_at_start_in_bf16"] == 2
+    assert out["recompute_granularity"] == "full" and out["recompute_method"] == "uniform"
+    assert transformer_overrides(load_config(None, []).model) == {}
+    assert transformer_overrides(load_config(None, ["model.recompute=selective"]).model) == {"recompute_granularity": "selective"}

@@ -35,19 +35,33 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise ValueError(f"unsupported dtype {dtype}")
 
 
+def transformer_overrides(model_cfg) -> dict[str, Any]:
+    """TransformerConfig fields from a ``config.ModelConfig``: FP8 (language tower) and recompute."""
+    from visurf_megatron.models.qwen2_5_vl.specs import fp8_overrides
+
+    out = dict(fp8_overrides(model_cfg.fp8, model_cfg.fp8_recipe, model_cfg.fp8_bf16_first_last_layers))
+    if model_cfg.recompute == "full":
+        out.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif model_cfg.recompute == "selective":
+        out.update(recompute_granularity="selective")
+    return out
+
+
 def build_model(hf_config: Any, tp: int, pp: int, dtype: torch.dtype, *, initialize: bool = False,
-                sequence_parallel: bool = False, backend: str = "local", **model_kwargs):
+                sequence_parallel: bool = False, backend: str = "local", fp8_vision: bool = False,
+                config_overrides: Optional[dict] = None, **model_kwargs):
     """The Qwen2.5-VL model chunk of this rank (parallel_state must be set up already).
 
     ``initialize=False`` skips random init: converters overwrite every weight anyway, and random
-    init of a 72B shard costs minutes.
+    init of a 72B shard costs minutes. ``config_overrides`` go to both TransformerConfigs (see
+    ``transformer_overrides``).
     """
     from visurf_megatron.models.qwen2_5_vl.config import ParallelLayout, configs_from_hf
     from visurf_megatron.models.qwen2_5_vl.model import Qwen25VLModel
 
     lang, vision, extras = configs_from_hf(
         hf_config, ParallelLayout(tp=tp, pp=pp, sequence_parallel=sequence_parallel), params_dtype=dtype,
-        perform_initialization=initialize,
+        perform_initialization=initialize, fp8_vision=fp8_vision, **(config_overrides or {}),
     )
     model = Qwen25VLModel(lang, vision, extras, backend=backend, **model_kwargs)
     if not initialize:

@@ -391,6 +391,25 @@ def _open_hf_dir(path: Path, split: str | None):
     return obj
 
 
+def iter_dataset_rows(path, *, split: str | None = None, image_root=None) -> tuple[Iterator[tuple[int, Any]], Path]:
+    """(numbered rows, image root) of a JSONL / Parquet file, a ``save_to_disk`` directory or an
+    in-memory ``datasets.Dataset``; relative image paths resolve against the root."""
+    if hasattr(path, "features") and hasattr(path, "cast_column"):
+        return _iter_hf(path), Path(image_root or os.getcwd())
+    p = Path(os.path.expanduser(str(path)))
+    if not p.exists():
+        raise FileNotFoundError(f"dataset not found: {p}")
+    if p.is_dir():
+        rows, root = _iter_hf(_open_hf_dir(p, split)), p
+    elif p.suffix == ".parquet":
+        rows, root = _iter_parquet(p), p.parent
+    elif p.suffix in (".jsonl", ".json"):
+        rows, root = _iter_jsonl(p), p.parent
+    else:
+        raise ValueError(f"{p}: unknown dataset format (expected .jsonl, .parquet or a save_to_disk directory)")
+    return rows, (Path(image_root) if image_root is not None else root)
+
+
 def load_samples(path, *, task: str | None = None, on_bad_row: str = "error",
                  image_root: str | os.PathLike | None = None, split: str | None = None,
                  check_images: bool = True, image_cache_dir: str | os.PathLike | None = None,
@@ -408,22 +427,7 @@ def load_samples(path, *, task: str | None = None, on_bad_row: str = "error",
         raise ValueError(f"task: unknown {task!r} (expected one of {', '.join(TASKS)})")
     cache = Path(image_cache_dir) if image_cache_dir is not None else None
 
-    if hasattr(path, "features") and hasattr(path, "cast_column"):
-        rows, root = _iter_hf(path), Path(image_root or os.getcwd())
-    else:
-        p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"dataset not found: {p}")
-        if p.is_dir():
-            rows, root = _iter_hf(_open_hf_dir(p, split)), p
-        elif p.suffix == ".parquet":
-            rows, root = _iter_parquet(p), p.parent
-        elif p.suffix in (".jsonl", ".json"):
-            rows, root = _iter_jsonl(p), p.parent
-        else:
-            raise ValueError(f"{p}: unknown dataset format (expected .jsonl, .parquet or a directory)")
-        if image_root is not None:
-            root = Path(image_root)
+    rows, root = iter_dataset_rows(path, split=split, image_root=image_root)
 
     result = LoadResult(samples=[])
     seen: dict[str, int] = {}

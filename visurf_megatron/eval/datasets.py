@@ -20,7 +20,6 @@ mask the GT mask is the union of the filled GT boxes (all zeros for no target).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from visurf_megatron.data.samples import (
-    TASKS, DataValidationError, Sample, _iter_hf, _iter_jsonl, _iter_parquet, _open_hf_dir, row_to_sample,
+    TASKS, DataValidationError, Sample, iter_dataset_rows, row_to_sample,
 )
 
 
@@ -282,18 +281,7 @@ def load_eval_items(path, *, task: str, split: str | None = None, image_root=Non
     """Every row of an evaluation set as an ``EvalItem`` (a bad row raises ``DataValidationError``)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r} (expected one of {', '.join(TASKS)})")
-    p = Path(os.path.expanduser(str(path)))
-    if not p.exists():
-        raise FileNotFoundError(f"evaluation data not found: {p}")
-    if p.is_dir():
-        rows, root = _iter_hf(_open_hf_dir(p, split)), p
-    elif p.suffix == ".parquet":
-        rows, root = _iter_parquet(p), p.parent
-    elif p.suffix in (".jsonl", ".json"):
-        rows, root = _iter_jsonl(p), p.parent
-    else:
-        raise ValueError(f"{p}: unknown dataset format (expected .jsonl, .parquet or a save_to_disk directory)")
-    root = Path(image_root) if image_root is not None else root
+    rows, root = iter_dataset_rows(path, split=split, image_root=image_root)
     cache = Path(image_cache_dir) if image_cache_dir is not None else None
     items: list[EvalItem] = []
     seen: dict[str, int] = {}

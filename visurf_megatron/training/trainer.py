@@ -22,12 +22,15 @@ from megatron.core import parallel_state
 
 from visurf_megatron.algorithm.paradigms import RowBatch, filter_groups, paradigm_from_config
 from visurf_megatron.checkpoint.mapping import load_hf_state_dict_into
-from visurf_megatron.checkpoint.megatron_io import DTYPES, build_model, load_model, resolve_checkpoint_dir
+from visurf_megatron.checkpoint.megatron_io import (
+    DTYPES, build_model, load_model, resolve_checkpoint_dir, transformer_overrides,
+)
 from visurf_megatron.checkpoint.safetensors_io import open_hf_checkpoint
 from visurf_megatron.config import Config, validate
 from visurf_megatron.data.samples import load_samples
 from visurf_megatron.models.qwen2_5_vl.specs import select_backend
 from visurf_megatron.rewards.registry import get_reward_fn
+from visurf_megatron.rollout import build_engine
 from visurf_megatron.rollout.base import SamplingConfig
 from visurf_megatron.rollout.processor import load_processor
 from visurf_megatron.rollout.sync import export_hf_weights, token_mult_prob_error
@@ -49,17 +52,6 @@ class TrainingAborted(RuntimeError):
     """Too many non-finite steps in a row (a checkpoint was written first)."""
 
 
-def make_engine(cfg: Config, dtype: torch.dtype):
-    if cfg.rollout.engine == "vllm":
-        from visurf_megatron.rollout.vllm_engine import VLLMRolloutEngine
-
-        return VLLMRolloutEngine(cfg.model.hf_path, tensor_parallel_size=cfg.rollout.tp, dtype=dtype,
-                                 gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, seed=cfg.rollout.seed)
-    from visurf_megatron.rollout.hf_engine import HFRolloutEngine
-
-    return HFRolloutEngine(cfg.model.hf_path, dtype=dtype)
-
-
 class Trainer:
     def __init__(self, cfg: Config):
         if not cfg.model.hf_path:
@@ -72,7 +64,8 @@ class Trainer:
         self.hf_config = json.loads((Path(cfg.model.hf_path) / "config.json").read_text())
         model, self.extras = build_model(
             self.hf_config, par.tp, par.pp, self.dtype, sequence_parallel=par.sequence_parallel,
-            backend=select_backend(cfg.model.spec), freeze_vision=cfg.model.freeze_vision,
+            backend=select_backend(cfg.model.spec), fp8_vision=cfg.model.fp8_vision,
+            config_overrides=transformer_overrides(cfg.model), freeze_vision=cfg.model.freeze_vision,
             freeze_merger=cfg.model.freeze_merger, freeze_language=cfg.model.freeze_language,
         )
         self._load_initial_weights(model)
@@ -86,7 +79,8 @@ class Trainer:
                               self.extras.vision_start_token_id]
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_of_turn_id
         self.spmd_engine = cfg.rollout.engine == "vllm"
-        self.engine = make_engine(cfg, self.dtype) if (self.spmd_engine or experience.is_generating_rank()) else None
+        generates = self.spmd_engine or experience.is_generating_rank()
+        self.engine = build_engine(cfg.rollout, cfg.model.hf_path, dtype=self.dtype) if generates else None
         self.preparer = PromptPreparer(self.processor, image_size=cfg.data.image_size,
                                        prompt_style=cfg.data.prompt_style, think=cfg.data.think)
         samples = load_samples(cfg.data.train_path, task=cfg.data.task, on_bad_row=cfg.data.on_bad_row,

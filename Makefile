@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum setup.py | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-unit test-distributed test-gpu demo clean
+.PHONY: venv test test-unit test-distributed test-integration test-gpu demo clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,9 @@ test-unit: venv
 
 test-distributed: venv
 	$(PY) -m pytest tests/distributed $(PYTEST_ARGS)
+
+test-integration: venv
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
 test-gpu: venv
 	$(PY) -m pytest tests/gpu $(PYTEST_ARGS)

@@ -52,6 +52,24 @@ class MappingContext:
 # Transforms
 
 
+def _shape(source) -> tuple[int, ...]:
+    return tuple(source.get_shape()) if hasattr(source, "get_shape") else tuple(source.shape)
+
+
+def _chunk_range(length: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
+    """Rows of TP rank ``tp_rank`` when ``length`` rows split evenly (as ``torch.chunk`` does then)."""
+    if length % tp_size:
+        raise ValueError(f"{length} rows do not split evenly over {tp_size} tensor-parallel ranks")
+    per = length // tp_size
+    return tp_rank * per, (tp_rank + 1) * per
+
+
+def _read_range(source, dim: int, start: int, stop: int) -> Tensor:
+    """Rows (dim 0) or columns (dim 1) [start, stop) of a tensor or a lazy safetensors slice."""
+    index = (slice(start, stop),) if dim == 0 else (slice(None), slice(start, stop))
+    return source[index]
+
+
 class Replicated:
     """Same full tensor on every TP rank (norms, row-parallel biases, conv patch embedding)."""
 
@@ -74,6 +92,9 @@ class Split:
     def to_hf(self, shards, ctx):
         return [torch.cat(list(shards), dim=self.dim)]
 
+    def read_shard(self, sources, tp_rank, tp_size, ctx):
+        return _read_range(sources[0], self.dim, *_chunk_range(_shape(sources[0])[self.dim], tp_rank, tp_size))
+
 
 class VocabSplit:
     """Embedding / output rows: zero-pad to the TP-divisible vocabulary, split; trim on export."""
@@ -89,6 +110,15 @@ class VocabSplit:
 
     def to_hf(self, shards, ctx):
         return [torch.cat(list(shards), dim=0)[: ctx.vocab_size]]
+
+    def read_shard(self, sources, tp_rank, tp_size, ctx):
+        shape = _shape(sources[0])
+        if shape[0] != ctx.vocab_size:
+            raise ValueError(f"vocabulary tensor has {shape[0]} rows, config says {ctx.vocab_size}")
+        start, stop = _chunk_range(ctx.padded_vocab_size, tp_rank, tp_size)
+        real = _read_range(sources[0], 0, min(start, ctx.vocab_size), min(stop, ctx.vocab_size))
+        pad = (stop - start) - real.shape[0]
+        return torch.cat([real, real.new_zeros((pad,) + tuple(real.shape[1:]))]) if pad else real
 
 
 def interleave_qkv(q: Tensor, k: Tensor, v: Tensor, groups: int, head_dim: int) -> Tensor:
@@ -151,6 +181,9 @@ class GatedMLP:
     def to_hf(self, shards, ctx):
         halves = [torch.chunk(s, 2, dim=0) for s in shards]
         return [torch.cat([h[0] for h in halves], dim=0), torch.cat([h[1] for h in halves], dim=0)]
+
+    def read_shard(self, sources, tp_rank, tp_size, ctx):
+        return torch.cat([_read_range(src, 0, *_chunk_range(_shape(src)[0], tp_rank, tp_size)) for src in sources])
 
 
 COLUMN, ROW, REPLICATED = Split(0), Split(1), Replicated()
@@ -317,8 +350,9 @@ def load_hf_state_dict_into(model_chunks, hf_tensors) -> list[str]:
     """Copy this rank's shards out of ``hf_tensors`` (a mapping, either HF naming) into the chunks.
 
     ``hf_tensors`` needs ``keys()`` and ``__getitem__`` only, so a lazy safetensors reader works and
-    only the tensors this rank owns are read. Returns the Hub names consumed. Missing tensors and
-    shape mismatches are errors naming every offending tensor.
+    only the tensors this rank owns are read; a reader with ``get_slice`` (``HFCheckpointReader``)
+    lets split transforms read just this rank's rows or columns. Returns the Hub names consumed.
+    Missing tensors and shape mismatches are errors naming every offending tensor.
     """
     by_hub = {hub_name(k): k for k in hf_tensors.keys()}
     tp_rank, tp_size = _tp()
@@ -332,8 +366,14 @@ def load_hf_state_dict_into(model_chunks, hf_tensors) -> list[str]:
         for chunk in model_chunks:
             ctx = MappingContext.from_extras(unwrap(chunk).extras)
             break
+        sliced = hasattr(hf_tensors, "get_slice")
         for r, param in resolved:
-            shard = r.mapping.transform.to_megatron([hf_tensors[by_hub[h]] for h in r.hf_names], tp_rank, tp_size, ctx)
+            transform = r.mapping.transform
+            keys = [by_hub[h] for h in r.hf_names]
+            if sliced and hasattr(transform, "read_shard"):
+                shard = transform.read_shard([hf_tensors.get_slice(k) for k in keys], tp_rank, tp_size, ctx)
+            else:
+                shard = transform.to_megatron([hf_tensors[k] for k in keys], tp_rank, tp_size, ctx)
             if tuple(shard.shape) != tuple(param.shape):
                 mismatched.append(f"{r.global_name}: expected {tuple(param.shape)}, HF gives {tuple(shard.shape)}")
                 continue

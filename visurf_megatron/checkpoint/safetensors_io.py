@@ -21,6 +21,22 @@ class CheckpointError(RuntimeError):
     """The checkpoint directory is missing files or holds unreadable ones."""
 
 
+class LazySlice:
+    """safetensors' slice with read errors (a truncated file) turned into ``CheckpointError``."""
+
+    def __init__(self, inner, key: str, filename: str):
+        self._inner, self.key, self.filename = inner, key, filename
+
+    def get_shape(self) -> list[int]:
+        return list(self._inner.get_shape())
+
+    def __getitem__(self, index) -> torch.Tensor:
+        try:
+            return self._inner[index]
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad files
+            raise CheckpointError(f"cannot read tensor {self.key} from {self.filename}: {exc}") from exc
+
+
 class HFCheckpointReader:
     """``keys()`` / ``__getitem__`` / ``shape()`` over every tensor of the checkpoint, opened lazily."""
 
@@ -75,9 +91,11 @@ class HFCheckpointReader:
         except Exception as exc:  # noqa: BLE001 - truncated files fail here, name the tensor
             raise CheckpointError(f"cannot read tensor {key} from {self._file_of[key]}: {exc}") from exc
 
-    def get_slice(self, key: str):
-        """A lazy slice object (``[a:b]`` reads only those rows)."""
-        return self._handle(self._file_of[key]).get_slice(key)
+    def get_slice(self, key: str) -> "LazySlice":
+        """A lazy view of one tensor: ``[a:b]`` / ``[:, a:b]`` read only those rows / columns."""
+        if key not in self._file_of:
+            raise KeyError(key)
+        return LazySlice(self._handle(self._file_of[key]).get_slice(key), key, self._file_of[key])
 
     def close(self) -> None:
         self._stack.close()

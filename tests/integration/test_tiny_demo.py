@@ -13,13 +13,13 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.timeout(1200)
 def test_tiny_demo_trains_visurf_and_rewards_rise(tmp_path):
     out = tmp_path / "tiny"
-    env = dict(os.environ, OUT=str(out), SFT_STEPS="150", VISURF_STEPS="30", PY=str(REPO / ".venv" / "bin" / "python"))
+    env = dict(os.environ, OUT=str(out), SFT_STEPS="150", VISURF_STEPS="24", PY=str(REPO / ".venv" / "bin" / "python"))
     proc = subprocess.run(["bash", "examples/run_visurf_tiny.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "== summary" in proc.stdout
     rows = [json.loads(line) for line in (out / "visurf" / "logs" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert [r["step"] for r in rows] == list(range(1, 25))
     for key in ("reward/total", "reward/thinking", "reward/answer_format", "reward/accuracy", "reward/non_repeat",
                 "reward_gt/total", "visurf/mean_adv_gt", "visurf/frac_groups_smoothed", "gt_logp",
                 "update/clip_frac", "entropy", "response_length", "token_mult_prob_error", "grad_norm", "loss",

@@ -27,6 +27,7 @@ from visurf_megatron.checkpoint.megatron_io import (
 )
 from visurf_megatron.checkpoint.safetensors_io import open_hf_checkpoint
 from visurf_megatron.config import Config, validate
+from visurf_megatron.data.gt_style import get_gt_style
 from visurf_megatron.data.samples import load_samples
 from visurf_megatron.models.qwen2_5_vl.specs import select_backend
 from visurf_megatron.rewards.registry import get_reward_fn
@@ -71,6 +72,7 @@ class Trainer:
         self._load_initial_weights(model)
         self.opt = wrap_and_build_optimizer([model], cfg.train, par, self.dtype)
         self.paradigm = paradigm_from_config(cfg.algorithm)
+        get_gt_style(cfg.algorithm.gt_style)  # an unknown style fails here, not at the first GT row
         self.reward_fn = get_reward_fn(cfg.data.task)
         self.processor = load_processor(cfg.model.hf_path)
         self.tokenizer = self.processor.tokenizer
@@ -85,6 +87,10 @@ class Trainer:
                                        prompt_style=cfg.data.prompt_style, think=cfg.data.think)
         samples = load_samples(cfg.data.train_path, task=cfg.data.task, on_bad_row=cfg.data.on_bad_row,
                                image_root=cfg.data.image_root)
+        if dist.get_rank() == 0:
+            print(f"training set {cfg.data.train_path}: {len(samples.samples)} samples"
+                  + (f", {samples.skipped} bad rows skipped (first: {samples.skipped_reasons[:3]})" if samples.skipped else ""),
+                  flush=True)
         self.feed = PromptFeed(samples.samples, prompts_per_step=cfg.data.prompts_per_step,
                                dp_rank=parallel_state.get_data_parallel_rank(),
                                dp_size=parallel_state.get_data_parallel_world_size(), seed=cfg.train.seed,

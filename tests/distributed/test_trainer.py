@@ -95,3 +95,24 @@ def test_resume_reproduces_the_straight_run_exactly(setup):
     for step in a:
         assert a[step] == b[step], f"step {step} differs after resume"
     assert (resumed / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+
+
+def test_nonfinite_steps_are_skipped_then_abort_with_a_checkpoint(setup):
+    from visurf_megatron.runtime.spawn import RankFailure
+
+    from .trainer_world import train_run
+
+    root, base = setup
+    run = root / "nan"
+    # A real blow-up, no fake: lr 1e30 sends the weights to ~1e30 after one step, the next forward
+    # overflows, and every later loss is non-finite.
+    overrides = ["parallel.tp=2", "algorithm.paradigm=sft", "train.lr=1e30", "train.steps=8",
+                 "train.max_nonfinite_steps=2", f"checkpoint.dir={run}/ckpt", f"logging.dir={run}/logs"]
+    with pytest.raises(RankFailure, match="TrainingAborted: 2 non-finite steps in a row"):
+        run_world(train_run, 2, base, overrides, timeout_s=600)
+    records = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[0]["skipped_steps"] == 0 and records[-1]["skipped_steps"] == 2
+    assert records[-1].get("nonfinite_step") == 1.0
+    # The abort wrote a checkpoint first, and it names the last completed step.
+    assert (run / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"

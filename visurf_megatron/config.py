@@ -344,6 +344,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         raise ConfigError("model.fp8 needs model.dtype=bf16")
     if cfg.rollout.n < 1:
         raise ConfigError(f"rollout.n must be >= 1, got {cfg.rollout.n}")
+    if cfg.rollout.engine == "vllm" and par.tp % cfg.rollout.tp != 0:
+        # Rollout TP groups are consecutive ranks; megatron puts TP innermost, so a rollout group wider
+        # than (or not dividing) the training TP group would mix data-parallel replicas' prompts.
+        raise ConfigError(f"rollout.tp={cfg.rollout.tp} must divide parallel.tp={par.tp} with the vllm engine")
     if heads is not None and heads % cfg.rollout.tp != 0:
         raise ConfigError(f"rollout.tp={cfg.rollout.tp} does not divide the {heads} attention heads")
     for key in ("clip_low", "clip_high"):

@@ -97,3 +97,9 @@ def test_cli_prints_resolved_config_and_reports_errors(tmp_path, capsys):
     assert "unknown key train.nope" in capsys.readouterr().err
     proc = subprocess.run([sys.executable, "-m", "visurf_megatron.config", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "dotted overrides" in proc.stdout
+
+
+def test_vllm_rollout_tp_must_divide_training_tp():
+    with pytest.raises(ConfigError, match=r"rollout.tp=4 must divide parallel.tp=2"):
+        load_config(None, ["rollout.engine=vllm", "rollout.tp=4", "parallel.tp=2"])
+    assert load_config(None, ["rollout.engine=vllm", "rollout.tp=2", "parallel.tp=8"]).rollout.tp == 2

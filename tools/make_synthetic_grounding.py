@@ -47,6 +47,7 @@ DIRECTIONS = ("leftmost", "rightmost", "topmost", "bottommost")
 BACKGROUND = (242, 242, 238)
 SPLIT_CODES = {"train": 0, "val": 1}
 MIN_SIZE = 48
+OBJECT_FRAC = (0.08, 0.16)  # object side as a fraction of the image side (default range)
 
 
 class _Retry(Exception):
@@ -129,10 +130,11 @@ def _object_box_point(mask: np.ndarray) -> tuple[list[int], list[int]]:
 
 
 def make_scene(rng: np.random.Generator, qtype: str, size: int, *, min_objects: int = 2,
-               max_objects: int = 6):
-    """One image: returns (rgb uint8 array, union mask of referred objects, query, solution)."""
-    lo = max(8, round(0.08 * size))
-    hi = max(lo + 1, round(0.16 * size))
+               max_objects: int = 6, object_frac: tuple[float, float] = OBJECT_FRAC):
+    """One image: returns (rgb uint8 array, union mask of referred objects, query, solution).
+    Objects are squares of side ``object_frac`` x ``size`` (at least 8 px) holding their shape."""
+    lo = max(8, round(object_frac[0] * size))
+    hi = max(lo + 1, round(object_frac[1] * size))
     gap = max(2, size // 40)
     for _ in range(100):
         try:
@@ -188,7 +190,7 @@ def _type_plan(n: int, no_object_fraction: float, query_types, rng: np.random.Ge
 
 def generate(out_dir, *, train: int = 200, val: int = 50, size: int = 840, seed: int = 0,
              no_object_fraction: float = 0.2, query_types=QUERY_TYPES, min_objects: int = 2,
-             max_objects: int = 6, progress: bool = True) -> dict:
+             max_objects: int = 6, object_frac: tuple[float, float] = OBJECT_FRAC, progress: bool = True) -> dict:
     """Write the dataset under ``out_dir``; returns {"train": jsonl path, "val": ..., "counts": ...}."""
     from tqdm import tqdm
 
@@ -200,6 +202,8 @@ def generate(out_dir, *, train: int = 200, val: int = 50, size: int = 840, seed:
         raise ValueError("train and val counts must be >= 0")
     if not 1 <= min_objects <= max_objects or max_objects < 3:
         raise ValueError("need 1 <= min_objects <= max_objects and max_objects >= 3")
+    if not 0.0 < object_frac[0] <= object_frac[1] <= 0.5:
+        raise ValueError(f"object_frac must satisfy 0 < low <= high <= 0.5, got {object_frac}")
     query_types = tuple(query_types)
     for q in query_types:
         if q not in QUERY_TYPES:
@@ -217,7 +221,7 @@ def generate(out_dir, *, train: int = 200, val: int = 50, size: int = 840, seed:
         for i, qtype in enumerate(types):
             rng = np.random.default_rng([seed, code, i])
             img, mask, query, solution = make_scene(rng, qtype, size, min_objects=min_objects,
-                                                    max_objects=max_objects)
+                                                    max_objects=max_objects, object_frac=object_frac)
             img_path = out / "images" / split / f"{i:06d}.png"
             mask_path = out / "masks" / split / f"{i:06d}.png"
             Image.fromarray(img, "RGB").save(img_path, format="PNG")

@@ -1,0 +1,156 @@
+"""The study's data: synthetic grounding splits (base, study, one-object warm-up scenes), the
+shaded background that gives the tiny model absolute position, and the tiny random model."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+from .design import Profile
+
+
+def shade_background(root: str | Path, background=(242, 242, 238), strength: int = 70, halo: int = 0) -> int:
+    """Paint position into the images: background pixels take a ramp colour, red falling with x and
+    green with y (255 -> 255 - strength), blue fixed. With ``halo`` > 0 only the background within
+    ``halo`` pixels of an object is painted and the rest keeps the plain colour, so the position sits
+    in the object's own image tokens. Objects are untouched (the generator draws hard-edged shapes,
+    so a pixel is either exactly the background colour or an object's). Returns the number of
+    images rewritten."""
+    import numpy as np
+    from PIL import Image
+
+    bg = np.array(background, np.uint8)
+    count = 0
+    for path in sorted(Path(root).glob("images/*/*.png")):
+        img = np.asarray(Image.open(path).convert("RGB")).copy()
+        h, w, _ = img.shape
+        yy, xx = np.mgrid[0:h, 0:w].astype(float)
+        ramp = np.stack([255 - strength * xx / max(w - 1, 1), 255 - strength * yy / max(h - 1, 1),
+                         np.full((h, w), 240.0)], -1).round().astype(np.uint8)
+        mask = np.all(img == bg, axis=-1)
+        if halo > 0:
+            mask &= _dilate(~mask, halo)
+        img[mask] = ramp[mask]
+        Image.fromarray(img, "RGB").save(path, format="PNG")
+        count += 1
+    return count
+
+
+def _dilate(mask, r: int):
+    """Square dilation of a boolean image by ``r`` pixels (numpy only)."""
+    import numpy as np
+
+    h, w = mask.shape
+    padded = np.pad(mask, r)
+    out = np.zeros_like(mask)
+    for dy in range(2 * r + 1):
+        for dx in range(2 * r + 1):
+            out |= padded[dy:dy + h, dx:dx + w]
+    return out
+
+
+def unify_no_object_wording(jsonl: str | Path) -> int:
+    """No-object queries are drawn as "the red circle" or "all red circles"; the study has only
+    single-object queries with targets, so "all ..." would give the absence away. Rewrite them to
+    the singular form. Returns the number of rows changed."""
+    from tools.make_synthetic_grounding import PLURAL
+
+    singular = {v: k for k, v in PLURAL.items()}
+    path = Path(jsonl)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    changed = 0
+    for row in rows:
+        words = row["problem"].split()
+        if row.get("solution") == [] and len(words) == 3 and words[0] == "all" and words[2] in singular:
+            row["problem"] = f"the {words[1]} {singular[words[2]]}"
+            changed += 1
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return changed
+
+
+def make_single_object_scenes(out_dir: str | Path, *, train: int, val: int, size: int, seed: int,
+                              object_frac: tuple[float, float] = (0.08, 0.16)) -> dict:
+    """The base model's curriculum stage: scenes with exactly one object, which the query names
+    ("the red circle"). Drawn with the generator's own palette, shapes, size range and box/point
+    rules (``tools/make_synthetic_grounding``); written in the same layout (JSONL + PNG + masks)."""
+    import numpy as np
+    from PIL import Image
+
+    from tools.make_synthetic_grounding import BACKGROUND, COLORS, SHAPES, SPLIT_CODES, _object_box_point, _shape_mask
+    from visurf_megatron.data.samples import Sample, save_samples_jsonl
+
+    out = Path(out_dir)
+    lo = max(8, round(object_frac[0] * size))
+    hi = max(lo + 1, round(object_frac[1] * size))
+    gap = max(2, size // 40)
+    result: dict = {"counts": {}}
+    for split, n in (("train", train), ("val", val)):
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        (out / "masks" / split).mkdir(parents=True, exist_ok=True)
+        samples = []
+        for i in range(n):
+            rng = np.random.default_rng([seed, SPLIT_CODES[split], i, 7])
+            color = list(COLORS)[int(rng.integers(len(COLORS)))]
+            shape = SHAPES[int(rng.integers(len(SHAPES)))]
+            d = int(rng.integers(lo, hi + 1))
+            x0, y0 = (int(v) for v in rng.integers(gap, size - d - gap + 1, size=2))
+            img = np.empty((size, size, 3), np.uint8)
+            img[:] = BACKGROUND
+            mask = np.zeros((size, size), bool)
+            mask[y0:y0 + d, x0:x0 + d] = _shape_mask(shape, d)
+            img[mask] = COLORS[color]
+            box, point = _object_box_point(mask)
+            img_path = out / "images" / split / f"{i:06d}.png"
+            mask_path = out / "masks" / split / f"{i:06d}.png"
+            Image.fromarray(img, "RGB").save(img_path, format="PNG")
+            Image.fromarray(mask.astype(np.uint8) * 255, "L").save(mask_path, format="PNG")
+            samples.append(Sample(id=f"{split}_{i:06d}", task="grounding", image=str(img_path),
+                                  problem=f"the {color} {shape}", solution=[{"bbox_2d": box, "point_2d": point}],
+                                  img_width=size, img_height=size, mask=str(mask_path),
+                                  meta={"query_type": "single_object", "split": split}))
+        result[split] = save_samples_jsonl(samples, out / f"{split}.jsonl")
+        result["counts"][split] = {"single_object": n}
+    return result
+
+
+def make_data(work: Path, profile: Profile) -> dict:
+    from tools.make_synthetic_grounding import generate
+
+    info = {}
+    plan = (("warmup", profile.warmup_train, 16, None), ("base", profile.base_train, profile.base_val, 0.0),
+            ("study", profile.study_train, profile.study_val, profile.no_object_fraction))
+    for index, (split, train, val, frac) in enumerate(plan):
+        out = work / "data" / split
+        done = out / "done.json"
+        if done.exists():
+            info[split] = json.loads(done.read_text())
+            continue
+        seed = profile.data_seed + index  # different images in every split
+        if frac is None:
+            res = make_single_object_scenes(out, train=train, val=val, size=profile.data_size, seed=seed,
+                                            object_frac=profile.object_frac)
+            reworded = 0
+        else:
+            res = generate(out, train=train, val=val, size=profile.data_size, seed=seed, no_object_fraction=frac,
+                           query_types=("single",), max_objects=profile.max_objects,
+                           object_frac=profile.object_frac, progress=False)
+            reworded = sum(unify_no_object_wording(res[k]) for k in ("train", "val"))
+        shaded = shade_background(out, strength=profile.shade_strength, halo=profile.halo)
+        info[split] = {"train": str(res["train"]), "val": str(res["val"]), "counts": res["counts"],
+                       "no_object_fraction": frac or 0.0, "seed": seed, "reworded_no_object_queries": reworded,
+                       "shaded_images": shaded}
+        done.write_text(json.dumps(info[split], indent=2))
+    return info
+
+
+def make_model(work: Path, profile: Profile) -> Path:
+    from tools.make_tiny_checkpoint import make_tiny_checkpoint
+
+    hf = work / "hf"
+    if not (hf / "config.json").exists():
+        with contextlib.redirect_stderr(open(os.devnull, "w")):
+            make_tiny_checkpoint(hf, seed=profile.model_seed, init_std=profile.init_std, **dict(profile.model))
+    return hf
+
+

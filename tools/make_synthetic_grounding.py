@@ -263,12 +263,16 @@ def main(argv=None) -> int:
                         f"(default {','.join(QUERY_TYPES)})")
     p.add_argument("--min-objects", type=int, default=2, help="fewest shapes per image (default 2)")
     p.add_argument("--max-objects", type=int, default=6, help="most shapes per image (default 6, >= 3)")
+    p.add_argument("--object-frac", type=float, nargs=2, default=OBJECT_FRAC, metavar=("LOW", "HIGH"),
+                   help="object side as a fraction of the image side, drawn uniformly in [LOW, HIGH] "
+                        f"(at least 8 px; default {OBJECT_FRAC[0]} {OBJECT_FRAC[1]})")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     a = p.parse_args(argv)
     try:
         res = generate(a.out, train=a.train, val=a.val, size=a.size, seed=a.seed,
                        no_object_fraction=a.no_object_fraction, query_types=a.query_types,
-                       min_objects=a.min_objects, max_objects=a.max_objects, progress=not a.no_progress)
+                       min_objects=a.min_objects, max_objects=a.max_objects, object_frac=tuple(a.object_frac),
+                       progress=not a.no_progress)
     except ValueError as e:
         p.error(str(e))
     print(f"wrote {res['train']} and {res['val']}; query types: {res['counts']}")

@@ -141,3 +141,18 @@ def test_generated_answers_score_the_maximum_reward(data):
         assert vision_reasoner_reward(render_ground_truth(s, THINK_COMPACT), s.solution,
                                       is_ground_truth=True).total == 6
         assert vision_reasoner_reward(render_ground_truth(s, NOTHINK_COMPACT), s.solution).total == 6
+
+
+def test_object_frac_sets_the_object_sizes(tmp_path):
+    """Box sides follow --object-frac (shapes fill their square's side); bad ranges are refused."""
+    gen.generate(tmp_path / "big", train=10, val=0, size=100, seed=3, no_object_fraction=0.0,
+                 query_types=("single",), max_objects=3, object_frac=(0.3, 0.4), progress=False)
+    sides = [max(b[2] - b[0], b[3] - b[1]) + 1 for s in load_samples(tmp_path / "big" / "train.jsonl")
+             for b in (o["bbox_2d"] for o in s.solution)]
+    assert sides and all(28 <= d <= 40 for d in sides), sides
+    with pytest.raises(ValueError, match="object_frac"):
+        gen.generate(tmp_path / "bad", train=1, val=0, size=100, object_frac=(0.4, 0.3), progress=False)
+    assert gen.main(["--out", str(tmp_path / "cli"), "--train", "2", "--val", "0", "--size", "64",
+                     "--object-frac", "0.25", "0.3", "--no-progress"]) == 0
+    with pytest.raises(SystemExit):
+        gen.main(["--out", str(tmp_path / "bad2"), "--object-frac", "0", "0.3"])

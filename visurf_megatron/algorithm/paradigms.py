@@ -25,7 +25,6 @@ token-mean (VISURF.md Eq. 8).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Type, Union
 
 import torch
@@ -42,134 +41,13 @@ from .losses import (
     policy_shaping_token_loss,
     ppo_clip_token_loss,
 )
+from .rows import RowBatch, RowInfo, filter_groups, row_info, rows_mask
 
 __all__ = [
     "RowBatch", "RowInfo", "Paradigm", "PARADIGMS", "register_paradigm", "get_paradigm",
     "paradigm_from_config", "filter_groups", "MU_SCHEDULES", "mu_at",
     "SFT", "RLVR", "SFTThenRLVR", "ViSurf", "LUFFY", "CHORD", "HPT",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# batch description
-# --------------------------------------------------------------------------------------------
-@dataclass
-class RowBatch:
-    """One scalar description per row of the training batch ([N] each).
-
-    rewards          full reward of each row (GT rows: R_gt, thinking-format term already 0)
-    group_index      prompt id per row; arbitrary integers
-    is_gt            True on the ground-truth / external answer row (at most one per group)
-    correct          optional bool per row: is this rollout correct (HPT); default derived from
-                     ``compare_rewards`` (or ``rewards``) >= the paradigm's threshold
-    compare_rewards  optional float per row: what ViSurf smoothing / HPT correctness compare
-                     (e.g. the accuracy term only); default ``rewards``
-    """
-
-    rewards: Tensor
-    group_index: Tensor
-    is_gt: Tensor
-    correct: Optional[Tensor] = None
-    compare_rewards: Optional[Tensor] = None
-
-    def __post_init__(self) -> None:
-        n = self.rewards.shape[0]
-        for name in ("rewards", "group_index", "is_gt", "correct", "compare_rewards"):
-            t = getattr(self, name)
-            if t is not None and (t.dim() != 1 or t.shape[0] != n):
-                raise ValueError(f"RowBatch.{name} must have shape [{n}], got {tuple(t.shape)}")
-        self.is_gt = self.is_gt.to(torch.bool)
-        if self.correct is not None:
-            self.correct = self.correct.to(torch.bool)
-
-    @property
-    def num_rows(self) -> int:
-        return self.rewards.shape[0]
-
-    def select(self, idx: Union[Tensor, slice]) -> "RowBatch":
-        def pick(t: Optional[Tensor]) -> Optional[Tensor]:
-            return None if t is None else t[idx]
-
-        return RowBatch(
-            pick(self.rewards), pick(self.group_index), pick(self.is_gt),
-            pick(self.correct), pick(self.compare_rewards),
-        )
-
-
-@dataclass
-class RowInfo:
-    """What each row is trained with ([N] each), produced by ``Paradigm.compute_row_info``.
-
-    advantages   float32, used by ``pg_rows`` and ``shaped_rows`` (0 elsewhere)
-    pg_rows      clipped PPO surrogate  -min(rho A, clip(rho) A)
-    shaped_rows  LUFFY surrogate        -A p/(p+gamma), no clip, no old log-prob
-    sft_rows     NLL                    -logp
-    metrics      per-batch scalars for logging (e.g. fraction of groups smoothed)
-    extras       anything else a paradigm wants to keep (e.g. ViSurf's VisurfStats)
-    """
-
-    advantages: Tensor
-    pg_rows: Tensor
-    sft_rows: Tensor
-    shaped_rows: Tensor
-    metrics: Dict[str, Tensor] = field(default_factory=dict)
-    extras: Dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def active_rows(self) -> Tensor:
-        return self.pg_rows | self.sft_rows | self.shaped_rows
-
-    def select(self, idx: Union[Tensor, slice]) -> "RowInfo":
-        """Rows ``idx`` (a micro-batch); metrics and extras stay whole-batch."""
-        return replace(
-            self,
-            advantages=self.advantages[idx],
-            pg_rows=self.pg_rows[idx],
-            sft_rows=self.sft_rows[idx],
-            shaped_rows=self.shaped_rows[idx],
-        )
-
-
-def _row_info(rows: RowBatch, adv=None, *, pg=None, sft=None, shaped=None, **kw) -> RowInfo:
-    none = torch.zeros_like(rows.is_gt)
-    return RowInfo(
-        advantages=(torch.zeros_like(rows.rewards, dtype=torch.float32) if adv is None else adv.float()),
-        pg_rows=none if pg is None else pg,
-        sft_rows=none if sft is None else sft,
-        shaped_rows=none if shaped is None else shaped,
-        **kw,
-    )
-
-
-def _rows(mask: Tensor, rows: Tensor) -> Tensor:
-    """Token mask restricted to the selected rows."""
-    return mask * rows.to(mask.dtype).unsqueeze(-1)
-
-
-# --------------------------------------------------------------------------------------------
-# DAPO-style dynamic sampling
-# --------------------------------------------------------------------------------------------
-def filter_groups(
-    rewards: Tensor, group_index: Tensor, is_gt: Optional[Tensor] = None, *, atol: float = 0.0
-) -> Tensor:
-    """keep_mask [N]: False on every row (GT row included) of a group whose rollout rewards are all
-    equal (max - min <= atol), or which has no rollout.
-
-    Only rollout rewards are judged: a GT row would otherwise make almost every group look
-    informative. Note that under ViSurf this drops all-wrong groups, where the GT row carries the
-    whole learning signal; use it there deliberately.
-    """
-    is_gt = torch.zeros_like(rewards, dtype=torch.bool) if is_gt is None else is_gt.to(torch.bool)
-    r = rewards.detach().to(torch.float64)
-    ids, inv = torch.unique(group_index, return_inverse=True)
-    k = ids.shape[0]
-    inf = torch.full((k,), float("inf"), dtype=r.dtype, device=r.device)
-    roll = ~is_gt
-    hi = (-inf).scatter_reduce(0, inv, torch.where(roll, r, -torch.ones_like(r) * float("inf")), "amax")
-    lo = inf.scatter_reduce(0, inv, torch.where(roll, r, torch.ones_like(r) * float("inf")), "amin")
-    n_roll = torch.zeros(k, dtype=torch.long, device=r.device).index_add_(0, inv, roll.long())
-    informative = (n_roll > 0) & (hi - lo > atol)
-    return informative[inv]
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,7 +157,7 @@ class Paradigm:
         Sum them over micro-batches / data-parallel ranks (see ``aggregation_normaliser``) and pass
         the totals back to ``loss`` to weigh every token of the global batch equally.
         """
-        return {"loss": aggregation_normaliser(_rows(mask, row_info.active_rows), self.agg)}
+        return {"loss": aggregation_normaliser(rows_mask(mask, row_info.active_rows), self.agg)}
 
     def loss(
         self,
@@ -328,8 +206,8 @@ class Paradigm:
     def _mixed_loss(self, logp, old_logp, mask, info, step, entropy, ref_logp, norms):
         norm = None if norms is None else norms.get("loss")
         m = mask.to(logp.dtype)
-        active = _rows(m, info.active_rows)
-        pg_m = _rows(m, info.pg_rows)
+        active = rows_mask(m, info.active_rows)
+        pg_m = rows_mask(m, info.pg_rows)
         loss_mat = torch.zeros_like(logp)
         metrics: Dict[str, Tensor] = {}
         if self.needs_rollouts(step):
@@ -343,7 +221,7 @@ class Paradigm:
         loss = aggregate(loss_mat, active, self.agg, norm=norm)
         metrics["policy_loss"] = loss.detach()
         with torch.no_grad():
-            metrics["sft_nll"] = masked_mean(-logp, _rows(m, info.sft_rows))
+            metrics["sft_nll"] = masked_mean(-logp, rows_mask(m, info.sft_rows))
         loss, extra = self._regularisers(loss, logp, active, entropy, ref_logp, norm)
         metrics.update(extra)
         metrics.update(info.metrics)
@@ -378,7 +256,7 @@ class SFT(Paradigm):
         return False
 
     def compute_row_info(self, rows: RowBatch, step: int = 0) -> RowInfo:
-        return _row_info(rows, sft=rows.is_gt.clone())
+        return row_info(rows, sft=rows.is_gt.clone())
 
 
 @register_paradigm("rlvr")
@@ -393,7 +271,7 @@ class RLVR(Paradigm):
         return True
 
     def compute_row_info(self, rows: RowBatch, step: int = 0) -> RowInfo:
-        return _row_info(rows, self._rollout_grpo(rows), pg=~rows.is_gt)
+        return row_info(rows, self._rollout_grpo(rows), pg=~rows.is_gt)
 
 
 @register_paradigm("sft_then_rlvr")
@@ -449,7 +327,7 @@ class ViSurf(Paradigm):
             compare_rewards=rows.compare_rewards, **self._norm_kw(),
         )
         pg = torch.ones_like(rows.is_gt)
-        return _row_info(rows, adv, pg=pg, metrics=stats.as_metrics(), extras={"stats": stats})
+        return row_info(rows, adv, pg=pg, metrics=stats.as_metrics(), extras={"stats": stats})
 
 
 @register_paradigm("luffy")
@@ -477,7 +355,7 @@ class LUFFY(Paradigm):
         adv, _ = visurf_advantages_with_stats(
             rows.rewards, rows.group_index, rows.is_gt, smooth=False, **self._norm_kw()
         )
-        return _row_info(rows, adv, pg=~rows.is_gt, shaped=rows.is_gt.clone())
+        return row_info(rows, adv, pg=~rows.is_gt, shaped=rows.is_gt.clone())
 
 
 # ---- CHORD mu schedules: fn(t, start, end, steps) with t = step after warm-up ----------------
@@ -539,19 +417,19 @@ class CHORD(Paradigm):
         return True
 
     def compute_row_info(self, rows: RowBatch, step: int = 0) -> RowInfo:
-        return _row_info(rows, self._rollout_grpo(rows), pg=~rows.is_gt, sft=rows.is_gt.clone())
+        return row_info(rows, self._rollout_grpo(rows), pg=~rows.is_gt, sft=rows.is_gt.clone())
 
     def normalisers(self, mask, row_info, step=0):
         return {
-            "pg": aggregation_normaliser(_rows(mask, row_info.pg_rows), self.agg),
-            "sft": aggregation_normaliser(_rows(mask, row_info.sft_rows), self.agg),
+            "pg": aggregation_normaliser(rows_mask(mask, row_info.pg_rows), self.agg),
+            "sft": aggregation_normaliser(rows_mask(mask, row_info.sft_rows), self.agg),
         }
 
     def loss(self, logp, old_logp, mask, row_info, step=0, *, entropy=None, ref_logp=None, norms=None):
         info = self._resolve(row_info, step)
         norms = norms or {}
         m = mask.to(logp.dtype)
-        pg_m, sft_m = _rows(m, info.pg_rows), _rows(m, info.sft_rows)
+        pg_m, sft_m = rows_mask(m, info.pg_rows), rows_mask(m, info.sft_rows)
         ppo, metrics = self._ppo(logp, old_logp, info.advantages, pg_m)
         pg = aggregate(ppo, pg_m, self.agg, norm=norms.get("pg"))
         nll = -logp
@@ -605,7 +483,7 @@ class HPT(Paradigm):
         rl = self.rl_groups(rows)
         adv = torch.where(rl, self._rollout_grpo(rows), torch.zeros_like(rows.rewards))
         frac_sft = 1.0 - rl[rows.is_gt].float().mean() if bool(rows.is_gt.any()) else torch.zeros(())
-        return _row_info(
+        return row_info(
             rows, adv, pg=rl & ~rows.is_gt, sft=~rl & rows.is_gt,
             metrics={"hpt/frac_groups_sft": frac_sft},
         )

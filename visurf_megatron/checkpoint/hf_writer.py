@@ -1,7 +1,11 @@
 """Streaming writer for HF checkpoints: sharded safetensors + index, config, assets, atomically.
 
-Tensors arrive one at a time (from a gather over TP/PP); at most one shard's worth is held before
-it is flushed to disk. Shards are renamed ``model-0000i-of-0000N.safetensors`` once N is known.
+Tensors arrive one at a time (from a gather over TP/PP). Given the plan of what will arrive
+(names, shapes, dtypes: the converter knows it up front), shard boundaries and every header are
+known before the first byte, so each tensor goes to its file as it arrives and nothing is held.
+Without a plan at most one shard's worth is held before it is flushed. Either way the files are
+the same safetensors files (header written by ``_header``), renamed
+``model-0000i-of-0000N.safetensors`` once N is known.
 """
 from __future__ import annotations
 
@@ -11,12 +15,13 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
-from safetensors.torch import save_file
 
-from .safetensors_io import INDEX_NAME, SINGLE_NAME
+from .safetensors_io import DTYPES, INDEX_NAME, SINGLE_NAME, tensor_bytes
+
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -34,41 +39,106 @@ def parse_size(text: str | int) -> int:
     return int(float(number) * _UNITS[(unit or "").upper()])
 
 
-class ShardedSafetensorsWriter:
-    """Collects tensors into shards of at most ``max_shard_bytes`` (a larger tensor gets its own)."""
+def _header(entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]]) -> bytes:
+    """A safetensors header for tensors stored back to back in this order (format spec: 8-byte
+    little-endian length, JSON, padded with spaces so the data starts 8-byte aligned)."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dtype in entries:
+        size = torch.Size(shape).numel() * dtype.itemsize
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(len(text) + 8) % 8)
+    return len(text).to_bytes(8, "little") + text
 
-    def __init__(self, directory: Path, max_shard_bytes: int, dtype: Optional[torch.dtype] = None):
+
+class ShardedSafetensorsWriter:
+    """Writes tensors into shards of at most ``max_shard_bytes`` (a larger tensor gets its own).
+
+    ``plan``: the (name, shape, dtype) of every tensor, in the order ``add`` will get them (dtype
+    before the cast to ``dtype``); with it tensors are written as they arrive, not buffered.
+    """
+
+    def __init__(self, directory: Path, max_shard_bytes: int, dtype: Optional[torch.dtype] = None,
+                 plan: Optional[Sequence[tuple[str, tuple[int, ...], torch.dtype]]] = None):
         self.directory = Path(directory)
         self.max_shard_bytes = max_shard_bytes
         self.dtype = dtype
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[tuple[str, list[str]]] = []  # temporary file name, tensor names
+        self._seen: set[str] = set()
         self.total_bytes = 0
+        self._plan = None if plan is None else [(n, tuple(s), self._out_dtype(d)) for n, s, d in plan]
+        self._next = 0  # index in the plan of the next tensor
+        self._file = None  # the shard being streamed: open file, tensors still to come in it
+        self._left_in_file = 0
+
+    def _out_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return self.dtype if self.dtype is not None and dtype.is_floating_point else dtype
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._pending or any(name in names for _, names in self._shards):
+        if name in self._seen:
             raise ValueError(f"tensor {name} written twice")
-        if self.dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(self.dtype)
-        tensor = tensor.detach().contiguous().cpu()
+        self._seen.add(name)
+        tensor = tensor.detach().to(self._out_dtype(tensor.dtype)).contiguous().cpu()
         size = tensor.numel() * tensor.element_size()
+        self.total_bytes += size
+        if self._plan is not None:
+            self._stream(name, tensor)
+            return
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self._flush()
         self._pending[name] = tensor
         self._pending_bytes += size
-        self.total_bytes += size
+
+    def _stream(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._plan) or self._plan[self._next] != (name, tuple(tensor.shape), tensor.dtype):
+            expected = self._plan[self._next] if self._next < len(self._plan) else "nothing"
+            raise ValueError(f"got {name} {tuple(tensor.shape)} {tensor.dtype}, the plan says {expected}")
+        if self._file is None:
+            entries = self._next_shard()
+            temp_name = f"shard-{len(self._shards):05d}.tmp"
+            self._file = open(self.directory / temp_name, "wb")
+            self._file.write(_header(entries))
+            self._shards.append((temp_name, sorted(n for n, _, _ in entries)))
+            self._left_in_file = len(entries)
+        if tensor.numel():
+            self._file.write(tensor_bytes(tensor))
+        self._next += 1
+        self._left_in_file -= 1
+        if self._left_in_file == 0:
+            self._file.close()
+            self._file = None
+
+    def _next_shard(self) -> list:
+        """The planned tensors of the shard starting at ``self._next`` (same rule as buffering)."""
+        entries, size = [], 0
+        for name, shape, dtype in self._plan[self._next:]:
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
+            if entries and size + nbytes > self.max_shard_bytes:
+                break
+            entries.append((name, shape, dtype))
+            size += nbytes
+        return entries
 
     def _flush(self) -> None:
         if not self._pending:
             return
         temp_name = f"shard-{len(self._shards):05d}.tmp"
-        save_file(self._pending, str(self.directory / temp_name), metadata={"format": "pt"})
+        with open(self.directory / temp_name, "wb") as f:
+            f.write(_header([(n, tuple(t.shape), t.dtype) for n, t in self._pending.items()]))
+            for tensor in self._pending.values():
+                if tensor.numel():
+                    f.write(tensor_bytes(tensor))
         self._shards.append((temp_name, sorted(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 
     def close(self) -> list[str]:
         """Flush, name the shards and write the index (only when there is more than one shard)."""
+        if self._plan is not None and self._next != len(self._plan):
+            missing = [n for n, _, _ in self._plan[self._next:]]
+            raise ValueError(f"{len(missing)} planned tensors never arrived: {', '.join(missing[:10])}")
         self._flush()
         if len(self._shards) == 1:
             os.replace(self.directory / self._shards[0][0], self.directory / SINGLE_NAME)

@@ -64,10 +64,37 @@ def _chunk_range(length: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
     return tp_rank * per, (tp_rank + 1) * per
 
 
-def _read_range(source, dim: int, start: int, stop: int) -> Tensor:
-    """Rows (dim 0) or columns (dim 1) [start, stop) of a tensor or a lazy safetensors slice."""
+class ShardShapeError(ValueError):
+    """The HF tensors make a shard of another shape than the destination (found before reading)."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+        super().__init__(f"HF gives a shard of shape {self.shape}")
+
+
+def _check_out(out: Optional[Tensor], shape) -> None:
+    if out is not None and tuple(out.shape) != tuple(shape):
+        raise ShardShapeError(shape)
+
+
+def _read_range(source, dim: int, start: int, stop: int, out: Optional[Tensor] = None) -> Tensor:
+    """Rows (dim 0) or columns (dim 1) [start, stop) of a tensor or a lazy safetensors slice.
+
+    With ``out`` the result is written there (cast if needed) and ``out`` returned; a lazy slice
+    reads rows of the same dtype straight into it, so the shard never exists twice in memory.
+    """
+    if out is not None and dim == 0 and hasattr(source, "read_rows_into") and source.dtype == out.dtype \
+            and out.is_contiguous():
+        return source.read_rows_into(out, start, stop)
     index = (slice(start, stop),) if dim == 0 else (slice(None), slice(start, stop))
-    return source[index]
+    part = source[index]
+    return part if out is None else out.copy_(part)
+
+
+def _range_shape(source, dim: int, start: int, stop: int) -> tuple[int, ...]:
+    shape = list(_shape(source))
+    shape[dim] = stop - start
+    return tuple(shape)
 
 
 class Replicated:
@@ -78,6 +105,14 @@ class Replicated:
 
     def to_hf(self, shards: Sequence[Tensor], ctx: MappingContext) -> list[Tensor]:
         return [shards[0]]
+
+    def read_shard(self, sources, tp_rank, tp_size, ctx, out=None):
+        shape = _shape(sources[0])
+        _check_out(out, shape)
+        if not shape:  # a scalar has no rows to range over
+            value = sources[0].read() if hasattr(sources[0], "read") else sources[0]
+            return value if out is None else out.copy_(value)
+        return _read_range(sources[0], 0, 0, shape[0], out)
 
 
 @dataclass(frozen=True)
@@ -92,8 +127,10 @@ class Split:
     def to_hf(self, shards, ctx):
         return [torch.cat(list(shards), dim=self.dim)]
 
-    def read_shard(self, sources, tp_rank, tp_size, ctx):
-        return _read_range(sources[0], self.dim, *_chunk_range(_shape(sources[0])[self.dim], tp_rank, tp_size))
+    def read_shard(self, sources, tp_rank, tp_size, ctx, out=None):
+        start, stop = _chunk_range(_shape(sources[0])[self.dim], tp_rank, tp_size)
+        _check_out(out, _range_shape(sources[0], self.dim, start, stop))
+        return _read_range(sources[0], self.dim, start, stop, out)
 
 
 class VocabSplit:
@@ -111,13 +148,21 @@ class VocabSplit:
     def to_hf(self, shards, ctx):
         return [torch.cat(list(shards), dim=0)[: ctx.vocab_size]]
 
-    def read_shard(self, sources, tp_rank, tp_size, ctx):
+    def read_shard(self, sources, tp_rank, tp_size, ctx, out=None):
         shape = _shape(sources[0])
         if shape[0] != ctx.vocab_size:
             raise ValueError(f"vocabulary tensor has {shape[0]} rows, config says {ctx.vocab_size}")
         start, stop = _chunk_range(ctx.padded_vocab_size, tp_rank, tp_size)
-        real = _read_range(sources[0], 0, min(start, ctx.vocab_size), min(stop, ctx.vocab_size))
-        pad = (stop - start) - real.shape[0]
+        _check_out(out, (stop - start,) + tuple(shape[1:]))
+        real_stop = min(stop, ctx.vocab_size)
+        real_start = min(start, real_stop)
+        n_real = real_stop - real_start
+        if out is not None:  # real rows, then the zero padding, in place
+            _read_range(sources[0], 0, real_start, real_stop, out[:n_real])
+            out[n_real:].zero_()
+            return out
+        real = _read_range(sources[0], 0, real_start, real_stop)
+        pad = (stop - start) - n_real
         return torch.cat([real, real.new_zeros((pad,) + tuple(real.shape[1:]))]) if pad else real
 
 
@@ -182,8 +227,15 @@ class GatedMLP:
         halves = [torch.chunk(s, 2, dim=0) for s in shards]
         return [torch.cat([h[0] for h in halves], dim=0), torch.cat([h[1] for h in halves], dim=0)]
 
-    def read_shard(self, sources, tp_rank, tp_size, ctx):
-        return torch.cat([_read_range(src, 0, *_chunk_range(_shape(src)[0], tp_rank, tp_size)) for src in sources])
+    def read_shard(self, sources, tp_rank, tp_size, ctx, out=None):
+        ranges = [_chunk_range(_shape(src)[0], tp_rank, tp_size) for src in sources]
+        rows = [stop - start for start, stop in ranges]
+        _check_out(out, (sum(rows),) + tuple(_shape(sources[0])[1:]))
+        if out is None:
+            return torch.cat([_read_range(src, 0, *r) for src, r in zip(sources, ranges)])
+        for src, (start, stop), begin in zip(sources, ranges, (0, rows[0])):
+            _read_range(src, 0, start, stop, out[begin:begin + stop - start])
+        return out
 
 
 COLUMN, ROW, REPLICATED = Split(0), Split(1), Replicated()
@@ -351,7 +403,8 @@ def load_hf_state_dict_into(model_chunks, hf_tensors) -> list[str]:
 
     ``hf_tensors`` needs ``keys()`` and ``__getitem__`` only, so a lazy safetensors reader works and
     only the tensors this rank owns are read; a reader with ``get_slice`` (``HFCheckpointReader``)
-    lets split transforms read just this rank's rows or columns. Returns the Hub names consumed.
+    lets split transforms read just this rank's rows or columns, straight into the parameters.
+    Returns the Hub names consumed.
     Missing tensors and shape mismatches are errors naming every offending tensor.
     """
     by_hub = {hub_name(k): k for k in hf_tensors.keys()}
@@ -371,7 +424,17 @@ def load_hf_state_dict_into(model_chunks, hf_tensors) -> list[str]:
             transform = r.mapping.transform
             keys = [by_hub[h] for h in r.hf_names]
             if sliced and hasattr(transform, "read_shard"):
-                shard = transform.read_shard([hf_tensors.get_slice(k) for k in keys], tp_rank, tp_size, ctx)
+                # Read straight into the parameter where we can: no second copy of the shard.
+                target = param.detach() if param.device.type == "cpu" and param.is_contiguous() else None
+                try:
+                    shard = transform.read_shard([hf_tensors.get_slice(k) for k in keys], tp_rank, tp_size, ctx,
+                                                 out=target)
+                except ShardShapeError as exc:
+                    mismatched.append(f"{r.global_name}: expected {tuple(param.shape)}, HF gives {exc.shape}")
+                    continue
+                if target is not None:
+                    used.extend(r.hf_names)
+                    continue
             else:
                 shard = transform.to_megatron([hf_tensors[k] for k in keys], tp_rank, tp_size, ctx)
             if tuple(shard.shape) != tuple(param.shape):

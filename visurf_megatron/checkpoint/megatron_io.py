@@ -145,14 +145,46 @@ def model_sharded_state_dict(model_chunks) -> dict:
     return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
 
 
-def save_model(model_chunks, directory: Path, extra_state: Optional[dict] = None) -> None:
-    """Collective: every rank calls it with its chunks; megatron writes each shard once."""
+def _in_process_save_strategy(sync_files: bool):
+    """megatron's ``torch_dist`` format, written by this process with torch's own DCP writer.
+
+    megatron-core 0.16.1's writer (``FileSystemWriterAsync``) first clones every tensor that is a
+    view (the SwiGLU ``linear_fc1`` halves: a quarter of a language layer) all at once, then starts a
+    manager process and forks one writer per thread, even for a synchronous save. torch's
+    ``FileSystemWriter`` with one thread writes the same files from this process, one tensor at a
+    time (a view is cloned only while it is written). Planner, metadata and key translation are
+    megatron's, so ``dist_checkpointing.load`` reads the result under any TP/PP as before.
+    """
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner, TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+
+    class InProcessTorchDistSave(TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir):
+            sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
+                sharded_state_dict, self.keep_only_main_replica)
+            writer = dcp.FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1,
+                                          sync_files=sync_files)
+            dcp.save(mcore_to_pyt_state_dict(sharded_state_dict, False), storage_writer=writer,
+                     planner=MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False))
+
+    return InProcessTorchDistSave("torch_dist", 1)
+
+
+def save_model(model_chunks, directory: Path, extra_state: Optional[dict] = None, *, sync_files: bool = True) -> None:
+    """Collective: every rank calls it with its chunks; each shard is written once.
+
+    ``sync_files=False`` skips the fsync of every file: the converters publish their output with
+    an atomic rename and can simply be run again after a crash.
+    """
     from megatron.core import dist_checkpointing
 
     state = model_sharded_state_dict(model_chunks)
     if extra_state:
         state.update(extra_state)
-    dist_checkpointing.save(state, str(directory))
+    dist_checkpointing.save(state, str(directory), sharded_strategy=_in_process_save_strategy(sync_files))
 
 
 def load_model(model_chunks, directory: Path) -> None:
@@ -167,3 +199,90 @@ def load_model(model_chunks, directory: Path) -> None:
     else:
         for i, chunk in enumerate(model_chunks):
             unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
+
+
+class ParameterLoader:
+    """Loads parameters of this rank's chunks from a dist checkpoint in place, a group at a time.
+
+    For the way out to HF: ``fetch`` reads a parameter (and the ones scheduled right after it, up to
+    ``group_bytes``) straight into its own storage, ``release`` frees it once exported, so a rank
+    never holds more than a group plus what is in flight, instead of its whole shard plus
+    ``dist_checkpointing.load``'s merged copies. Reads use torch DCP without collectives (each rank
+    reads what it needs, whatever layout saved the checkpoint), with megatron's key translation and
+    planner, exactly as ``dist_checkpointing.load`` does.
+    """
+
+    def __init__(self, model_chunks, directory: Path, schedule, group_bytes: int = 512 * 2**20):
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+        from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
+            CachedMetadataFileSystemReader,
+        )
+
+        from visurf_megatron.checkpoint.mapping import unwrap
+
+        self._reader = CachedMetadataFileSystemReader(str(directory))  # .metadata read once
+        self._group_bytes = group_bytes
+        state = model_sharded_state_dict(model_chunks)
+        self._shards: dict[int, list] = {}  # id(param) -> its ShardedTensors (views of the parameter)
+        for chunk, sharded in zip(model_chunks, state.values()):
+            for name, param in unwrap(chunk).named_parameters():
+                entry = sharded[name]
+                if isinstance(entry, ShardedTensorFactory):  # SwiGLU fc1: two views, one per half
+                    entry = entry.build()
+                entries = entry if isinstance(entry, list) else [entry]
+                if not all(isinstance(e, ShardedTensor) for e in entries):
+                    raise TypeError(f"{name}: unexpected sharded state entry {type(entry).__name__}")
+                self._shards[id(param)] = entries
+        self._schedule = list(schedule)
+        self._position = {id(p): i for i, p in enumerate(self._schedule)}
+        self._loaded: set[int] = set()
+
+    def check(self) -> None:
+        """Fail early (before any collective streaming) if a scheduled tensor is missing or reshaped."""
+        metadata = self._reader.read_metadata().state_dict_metadata
+        problems = []
+        for param in self._schedule:
+            for sh in self._shards[id(param)]:
+                if sh.key not in metadata:
+                    problems.append(f"{sh.key} is missing")
+                elif tuple(metadata[sh.key].size) != tuple(sh.global_shape):
+                    problems.append(f"{sh.key} has shape {tuple(metadata[sh.key].size)}, the model needs "
+                                    f"{tuple(sh.global_shape)}")
+        if problems:
+            raise ValueError(f"{len(problems)} tensors do not match the model: " + "; ".join(problems[:10]))
+
+    def fetch(self, param: torch.Tensor) -> torch.Tensor:
+        if id(param) not in self._loaded:
+            start = self._position[id(param)]
+            group, size = [], 0
+            for candidate in self._schedule[start:]:
+                nbytes = candidate.numel() * candidate.element_size()
+                if group and size + nbytes > self._group_bytes:
+                    break
+                if id(candidate) not in self._loaded:
+                    group.append(candidate)
+                    size += nbytes
+            self._load(group)
+        return param
+
+    def _load(self, params) -> None:
+        import torch.distributed.checkpoint as dcp
+        from megatron.core.dist_checkpointing.strategies.torch import (
+            MCoreLoadPlanner, _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict,
+        )
+
+        sharded = {f"{i}.{j}": sh for i, p in enumerate(params) for j, sh in enumerate(self._shards[id(p)])}
+        by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded)
+        dcp.load(mcore_to_pyt_state_dict(by_key, True), storage_reader=self._reader, no_dist=True,
+                 planner=MCoreLoadPlanner(shapes_validation_sharded_tensors=list(sharded.values())))
+        for param in params:
+            # The reads went into the ShardedTensors' data; they must be the parameter's own memory.
+            if any(sh.data.untyped_storage().data_ptr() != param.untyped_storage().data_ptr()
+                   for sh in self._shards[id(param)]):
+                raise RuntimeError("megatron's sharded tensor is not a view of its parameter; cannot load in place")
+            self._loaded.add(id(param))
+
+    def release(self, param: torch.Tensor) -> None:
+        """Free a parameter's memory (the model is unusable afterwards: export only)."""
+        self._shards.pop(id(param), None)
+        param.data = torch.empty(0, dtype=param.dtype, device=param.device)

@@ -1,40 +1,134 @@
 """Lazy, read-only access to an HF safetensors checkpoint (single file or sharded with an index).
 
 Only the tensors asked for are read, so a rank that owns a slice of a 72B model never holds the
-whole checkpoint.
+whole checkpoint. Reads are ``pread``s into tensors we allocate (or the caller's destination,
+``read_rows_into``), not an mmap: mapped file pages count in the reader's resident memory until
+unmapped, which doubled the converters' peak (model + every page read so far).
 """
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
+import os
+import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
-from safetensors import safe_open
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# safetensors dtype names (the format's spec) -> torch
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_MAX_HEADER = 100 * 2**20  # the format's own limit on the JSON header
 
 
 class CheckpointError(RuntimeError):
     """The checkpoint directory is missing files or holds unreadable ones."""
 
 
-class LazySlice:
-    """safetensors' slice with read errors (a truncated file) turned into ``CheckpointError``."""
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor (no copy)."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
-    def __init__(self, inner, key: str, filename: str):
-        self._inner, self.key, self.filename = inner, key, filename
+
+class SafetensorsFile:
+    """One ``.safetensors`` file: the header parsed up front, tensor bytes read on demand."""
+
+    def __init__(self, path: Path):
+        if sys.byteorder != "little":  # the format is little-endian; we read bytes as they are
+            raise CheckpointError("safetensors files can only be read on a little-endian machine")
+        self.path = Path(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {self.path}: {exc}") from exc
+        try:
+            self.entries = self._parse_header()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _parse_header(self) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+        size = os.fstat(self._fd).st_size
+        raw = os.pread(self._fd, 8, 0)
+        length = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+        if not 0 < length <= min(_MAX_HEADER, size - 8):
+            raise CheckpointError(f"cannot read {self.path}: not a safetensors file (header length {length})")
+        try:
+            header = json.loads(os.pread(self._fd, length, 8))
+        except ValueError as exc:
+            raise CheckpointError(f"cannot read {self.path}: bad header ({exc})") from exc
+        self.data_start = 8 + length
+        entries = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype, shape, (begin, end) = DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"cannot read {self.path}: bad header entry for {name} ({exc!r})") from exc
+            expected = torch.Size(shape).numel() * dtype.itemsize
+            if end - begin != expected or begin < 0:
+                raise CheckpointError(f"cannot read {self.path}: {name} has {end - begin} bytes, its shape needs {expected}")
+            if self.data_start + end > size:
+                raise CheckpointError(f"cannot read tensor {name} from {self.path.name}: the file is truncated "
+                                      f"({size} bytes, the tensor ends at {self.data_start + end})")
+            entries[name] = (dtype, shape, self.data_start + begin, self.data_start + end)
+        return entries
+
+    def read_into(self, out: torch.Tensor, offset: int) -> None:
+        """Fill the contiguous CPU tensor ``out`` with the file's bytes from ``offset``."""
+        view, done = tensor_bytes(out), 0
+        while done < len(view):  # one read returns at most ~2 GiB on Linux
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise CheckpointError(f"{self.path} ended early at byte {offset + done}")
+            done += got
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class LazySlice:
+    """One tensor of a checkpoint, read only when indexed: ``[a:b]`` reads just those rows."""
+
+    def __init__(self, file: SafetensorsFile, key: str):
+        self._file, self.key = file, key
+        self.dtype, self.shape, self._begin, _ = file.entries[key]
 
     def get_shape(self) -> list[int]:
-        return list(self._inner.get_shape())
+        return list(self.shape)
+
+    def read_rows_into(self, out: torch.Tensor, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """Read rows [start, stop) straight into ``out`` (contiguous, same dtype and size); returns ``out``."""
+        stop = (self.shape[0] if self.shape else 1) if stop is None else stop
+        row_bytes = torch.Size(self.shape[1:]).numel() * self.dtype.itemsize
+        if (out.dtype != self.dtype or not out.is_contiguous() or out.device.type != "cpu"
+                or out.numel() * out.element_size() != (stop - start) * row_bytes):
+            raise ValueError(f"{self.key}: cannot read rows {start}:{stop} of {self.dtype} {self.shape} into "
+                             f"{out.dtype} {tuple(out.shape)}")
+        self._file.read_into(out, self._begin + start * row_bytes)
+        return out
+
+    def read(self) -> torch.Tensor:
+        """The whole tensor."""
+        return self.read_rows_into(torch.empty(self.shape, dtype=self.dtype))
 
     def __getitem__(self, index) -> torch.Tensor:
-        try:
-            return self._inner[index]
-        except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad files
-            raise CheckpointError(f"cannot read tensor {self.key} from {self.filename}: {exc}") from exc
+        index = index if isinstance(index, tuple) else (index,)
+        first = index[0] if index else slice(None)
+        if not self.shape or not isinstance(first, slice) or first.step not in (None, 1):
+            return self.read()[index].contiguous()
+        start, stop, _ = first.indices(self.shape[0])
+        stop = max(start, stop)
+        rows = self.read_rows_into(torch.empty((stop - start,) + self.shape[1:], dtype=self.dtype), start, stop)
+        return rows if len(index) == 1 else rows[(slice(None),) + index[1:]].contiguous()
 
 
 class HFCheckpointReader:
@@ -53,21 +147,17 @@ class HFCheckpointReader:
             self._file_of = None
         else:
             raise CheckpointError(f"no {SINGLE_NAME} or {INDEX_NAME} in {self.directory}")
-        self._stack = ExitStack()
-        self._handles: dict[str, object] = {}
+        self._files: dict[str, SafetensorsFile] = {}
         if self._file_of is None:
-            self._file_of = {key: SINGLE_NAME for key in self._handle(SINGLE_NAME).keys()}
+            self._file_of = {key: SINGLE_NAME for key in self._file(SINGLE_NAME).entries}
 
-    def _handle(self, filename: str):
-        if filename not in self._handles:
+    def _file(self, filename: str) -> SafetensorsFile:
+        if filename not in self._files:
             path = self.directory / filename
             if not path.is_file():
                 raise CheckpointError(f"shard {path} listed in the index does not exist")
-            try:
-                self._handles[filename] = self._stack.enter_context(safe_open(str(path), framework="pt"))
-            except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad files
-                raise CheckpointError(f"cannot read {path}: {exc}") from exc
-        return self._handles[filename]
+            self._files[filename] = SafetensorsFile(path)
+        return self._files[filename]
 
     def keys(self) -> list[str]:
         return list(self._file_of)
@@ -82,24 +172,21 @@ class HFCheckpointReader:
         return len(self._file_of)
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._file_of:
-            raise KeyError(key)
-        try:
-            return self._handle(self._file_of[key]).get_tensor(key)
-        except CheckpointError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - truncated files fail here, name the tensor
-            raise CheckpointError(f"cannot read tensor {key} from {self._file_of[key]}: {exc}") from exc
+        return self.get_slice(key).read()
 
-    def get_slice(self, key: str) -> "LazySlice":
-        """A lazy view of one tensor: ``[a:b]`` / ``[:, a:b]`` read only those rows / columns."""
+    def get_slice(self, key: str) -> LazySlice:
+        """A lazy view of one tensor: ``[a:b]`` reads only those rows (``[:, a:b]`` reads the tensor)."""
         if key not in self._file_of:
             raise KeyError(key)
-        return LazySlice(self._handle(self._file_of[key]).get_slice(key), key, self._file_of[key])
+        file = self._file(self._file_of[key])
+        if key not in file.entries:
+            raise CheckpointError(f"tensor {key} is listed in the index but not in {self._file_of[key]}")
+        return LazySlice(file, key)
 
     def close(self) -> None:
-        self._stack.close()
-        self._handles.clear()
+        for file in self._files.values():
+            file.close()
+        self._files.clear()
 
     def __enter__(self) -> "HFCheckpointReader":
         return self

@@ -58,9 +58,11 @@ class ParallelConfig:
 @dataclass
 class AlgorithmConfig:
     paradigm: Literal["sft", "rlvr", "sft_then_rlvr", "visurf", "luffy", "chord", "hpt"] = "visurf"
-    # Control 1: render the GT in the rollout style ("auto" = highest teacher-forced log-prob).
+    # Control 1: render the GT in the rollout style ("auto" = highest teacher-forced log-prob under
+    # the policy, measured on the first batch with GT rows among gt_style_candidates; empty = all).
     align_gt_style: bool = True
     gt_style: str = "think_compact"
+    gt_style_candidates: list[str] = field(default_factory=list)
     # Control 2: the GT row gets no thinking-format reward.
     gt_no_thinking_reward: bool = True
     # Control 3: smoothing, compared on the total reward (default) or the accuracy term.
@@ -355,6 +357,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
             raise ConfigError(f"algorithm.{key} must be in [0, 1), got {getattr(cfg.algorithm, key)}")
     if cfg.algorithm.dual_clip is not None and cfg.algorithm.dual_clip <= 1:
         raise ConfigError(f"algorithm.dual_clip must be > 1, got {cfg.algorithm.dual_clip}")
+    if cfg.algorithm.gt_style_candidates and cfg.algorithm.gt_style != "auto":
+        raise ConfigError(f"algorithm.gt_style_candidates is only used with algorithm.gt_style=auto "
+                          f"(got gt_style={cfg.algorithm.gt_style!r})")
     if cfg.train.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {cfg.train.lr}")
     if cfg.train.steps < 0:

@@ -38,3 +38,27 @@ def train_run(base: dict, overrides: list[str]) -> None:
     from visurf_megatron.training.trainer import Trainer
 
     Trainer(_config(base, overrides)).train()
+
+
+def gt_style_auto_step(base: dict, overrides: list[str]) -> dict:
+    """``gt_style: auto``: the scores of the first batch, then one real step (which chooses the style)."""
+    import copy
+
+    from visurf_megatron.training.gt_style_choice import score_gt_styles
+    from visurf_megatron.training.trainer import Trainer
+
+    trainer = Trainer(_config(base, overrides))
+    feed = copy.deepcopy(trainer.feed)
+    samples = feed.next_batch()
+    prompts = [trainer.preparer(s) for s in samples]
+    scores = score_gt_styles(trainer.chunks, prompts, trainer.gt_style_candidates, tokenizer=trainer.tokenizer,
+                             end_of_turn_id=trainer.end_of_turn_id, image_token_id=trainer.extras.image_token_id,
+                             pad_id=trainer.pad_id, spatial_merge_size=trainer.extras.spatial_merge_size,
+                             micro_batch_size=2)
+    before = trainer.gt_style
+    trainer.train_step()
+    gt_texts = [s["text"] for s in trainer._last_samples if s["is_gt"]]
+    trainer.logger.close()
+    return {"sample_ids": [s.id for s in samples], "scores": scores, "before": before, "chosen": trainer.gt_style,
+            "trainer_scores": trainer.gt_style_scores, "gt_texts": gt_texts,
+            "train_state": trainer.train_state()}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
     from .samples import Sample
@@ -124,21 +124,24 @@ def render_ground_truth(sample: "Sample", style: str | GTStyle = THINK_COMPACT) 
     return f"<think>{st.think_text}</think>{body}" if st.think else body
 
 
-def choose_gt_style(score_fn: Callable[["Sample", str], float], sample: "Sample",
-                    styles: Sequence[str | GTStyle] | None = None) -> tuple[str, dict[str, float]]:
-    """Render the GT in every style, score each text with ``score_fn(sample, text)`` and return the
-    best style name and all scores. Ties keep the earlier style (the caller's order is its
-    preference); NaN scores never win."""
-    names = [get_gt_style(s).name for s in (styles if styles is not None else list(GT_STYLES))]
-    if not names:
-        raise ValueError("choose_gt_style needs at least one style")
-    scores: dict[str, float] = {}
+def best_gt_style(scores: Mapping[str, float]) -> str:
+    """The highest-scoring style; ties keep the earlier one (the caller's order is its preference)
+    and NaN never wins."""
     best, best_score = None, -math.inf
-    for name in names:
-        score = float(score_fn(sample, render_ground_truth(sample, name)))
-        scores[name] = score
+    for name, score in scores.items():
         if not math.isnan(score) and (best is None or score > best_score):
             best, best_score = name, score
     if best is None:
-        raise ValueError(f"every GT style scored NaN: {scores}")
-    return best, scores
+        raise ValueError(f"every GT style scored NaN: {dict(scores)}" if scores else "no GT style to choose from")
+    return best
+
+
+def choose_gt_style(score_fn: Callable[["Sample", str], float], sample: "Sample",
+                    styles: Sequence[str | GTStyle] | None = None) -> tuple[str, dict[str, float]]:
+    """Render the GT in every style, score each text with ``score_fn(sample, text)`` and return the
+    best style name (``best_gt_style``) and all scores."""
+    names = [get_gt_style(s).name for s in (styles if styles is not None else list(GT_STYLES))]
+    if not names:
+        raise ValueError("choose_gt_style needs at least one style")
+    scores = {name: float(score_fn(sample, render_ground_truth(sample, name))) for name in names}
+    return best_gt_style(scores), scores

@@ -27,7 +27,7 @@ from visurf_megatron.checkpoint.megatron_io import (
 )
 from visurf_megatron.checkpoint.safetensors_io import open_hf_checkpoint
 from visurf_megatron.config import Config, validate
-from visurf_megatron.data.gt_style import get_gt_style
+from visurf_megatron.data.gt_style import best_gt_style, get_gt_style
 from visurf_megatron.data.samples import load_samples
 from visurf_megatron.models.qwen2_5_vl.specs import select_backend
 from visurf_megatron.rewards.registry import get_reward_fn
@@ -41,6 +41,7 @@ from . import experience
 from .batching import collate, padded_length, plan_micro_batches
 from .data_feed import PromptFeed, PromptPreparer
 from .forward import run_micro_batches
+from .gt_style_choice import AUTO, candidate_styles, score_gt_styles
 from .metrics import MetricSums, MetricsLogger
 from .optimizer import guarded_step, lr_at, set_lr, wrap_and_build_optimizer, zero_grads
 
@@ -72,7 +73,13 @@ class Trainer:
         self._load_initial_weights(model)
         self.opt = wrap_and_build_optimizer([model], cfg.train, par, self.dtype)
         self.paradigm = paradigm_from_config(cfg.algorithm)
-        get_gt_style(cfg.algorithm.gt_style)  # an unknown style fails here, not at the first GT row
+        # An unknown style fails here, not at the first GT row. "auto" is resolved at the first step
+        # with GT rows (it needs the loaded policy) and then kept, checkpoint included.
+        self.gt_style: Optional[str] = None
+        if cfg.algorithm.gt_style == AUTO:
+            self.gt_style_candidates = candidate_styles(cfg.algorithm.gt_style_candidates)
+        else:
+            self.gt_style = get_gt_style(cfg.algorithm.gt_style).name
         self.reward_fn = get_reward_fn(cfg.data.task)
         self.processor = load_processor(cfg.model.hf_path)
         self.tokenizer = self.processor.tokenizer
@@ -106,6 +113,7 @@ class Trainer:
                 self.step = state["step"]
                 self.feed.consumed = state["consumed"]
                 self.skipped_steps = state.get("skipped_steps", 0)
+                self.gt_style = state.get("gt_style") or self.gt_style
         self.logger = MetricsLogger(cfg.logging.dir, tensorboard=cfg.logging.tensorboard, jsonl=cfg.logging.jsonl,
                                     resume_from_step=self.step)
 
@@ -153,8 +161,12 @@ class Trainer:
                 self.engine.sleep()
             times["generate"] = time.perf_counter() - t1
         t2 = time.perf_counter()
-        gt_style = cfg.algorithm.gt_style if cfg.algorithm.align_gt_style else experience.UNALIGNED_GT_STYLE
-        rows = experience.build_rows(prompts, completions, with_gt=self.paradigm.uses_gt_rows(step), gt_style=gt_style,
+        with_gt = self.paradigm.uses_gt_rows(step)
+        if with_gt and cfg.algorithm.align_gt_style and self.gt_style is None:
+            self._choose_gt_style(prompts)
+            times["gt_style"] = time.perf_counter() - t2
+        gt_style = self.gt_style if cfg.algorithm.align_gt_style else experience.UNALIGNED_GT_STYLE
+        rows = experience.build_rows(prompts, completions, with_gt=with_gt, gt_style=gt_style,
                                      tokenizer=self.tokenizer, end_of_turn_id=self.end_of_turn_id,
                                      forbidden_ids=self.forbidden_ids)
         experience.score_rows(rows, prompts, self.reward_fn, gt_no_thinking=cfg.algorithm.gt_no_thinking_reward,
@@ -191,6 +203,21 @@ class Trainer:
         metrics["throughput/tokens_per_s"] *= parallel_state.get_data_parallel_world_size()
         metrics["skipped_steps"] = float(self.skipped_steps)
         return metrics
+
+    def _choose_gt_style(self, prompts) -> None:
+        """``gt_style: auto``: the candidate the current policy gives the highest teacher-forced
+        log-prob on this step's prompts (``gt_style_choice``); every rank picks the same."""
+        par = self.cfg.parallel
+        scores = score_gt_styles(self.chunks, prompts, self.gt_style_candidates, tokenizer=self.tokenizer,
+                                 end_of_turn_id=self.end_of_turn_id, image_token_id=self.extras.image_token_id,
+                                 pad_id=self.pad_id, spatial_merge_size=self.extras.spatial_merge_size,
+                                 micro_batch_size=self.cfg.train.micro_batch_size,
+                                 seq_multiple=par.tp if par.sequence_parallel else 1)
+        self.gt_style = best_gt_style(scores)
+        self.gt_style_scores = scores
+        if dist.get_rank() == 0:
+            table = ", ".join(f"{name} {score:.2f}" for name, score in scores.items())
+            print(f"gt_style auto at step {self.step}: {self.gt_style} (mean GT log-prob: {table})", flush=True)
 
     def _reward_metrics(self, rows, sums: MetricSums) -> None:
         if not experience.is_generating_rank():
@@ -362,7 +389,8 @@ class Trainer:
             self.logger.close()
 
     def train_state(self) -> dict:
-        return {"step": self.step, "consumed": self.feed.consumed, "skipped_steps": self.skipped_steps}
+        return {"step": self.step, "consumed": self.feed.consumed, "skipped_steps": self.skipped_steps,
+                "gt_style": self.gt_style}
 
     def checkpoint_meta(self) -> dict:
         # Layout and dtype are recorded by the checkpoint writer itself (from the model).

@@ -48,6 +48,7 @@ BACKGROUND = (242, 242, 238)
 SPLIT_CODES = {"train": 0, "val": 1}
 MIN_SIZE = 48
 OBJECT_FRAC = (0.08, 0.16)  # object side as a fraction of the image side (default range)
+ABSENT_MODES = ("combo", "colour")  # what a no-object query's absence means (see _plan)
 
 
 class _Retry(Exception):
@@ -83,8 +84,11 @@ def _place(rng: np.random.Generator, sizes: list[int], size: int, gap: int) -> l
     return [(x, y) for x, y, _ in placed]
 
 
-def _plan(rng: np.random.Generator, qtype: str, n_min: int, n_max: int):
-    """(objects as (colour, shape), query text, indices of referred objects, direction or None)."""
+def _plan(rng: np.random.Generator, qtype: str, n_min: int, n_max: int, absent: str = "combo"):
+    """(objects as (colour, shape), query text, indices of referred objects, direction or None).
+    ``absent`` (no-object queries): "combo" draws the other objects from every other colour-shape
+    pair (the named colour may be there on another shape); "colour" keeps the named colour out of the
+    image altogether."""
     colors, combos = list(COLORS), [(c, s) for c in COLORS for s in SHAPES]
 
     def other_combos(exclude, k):
@@ -111,9 +115,10 @@ def _plan(rng: np.random.Generator, qtype: str, n_min: int, n_max: int):
         direction = DIRECTIONS[int(rng.integers(len(DIRECTIONS)))]
         return objs, f"the {direction} {shape}", list(range(k)), direction
     if qtype == "no_object":
+        absent_mode = absent
         absent = combos[int(rng.integers(len(combos)))]
         n = int(rng.integers(max(1, n_min), n_max + 1))
-        objs = other_combos({absent}, n)
+        objs = other_combos({absent} if absent_mode == "combo" else {(absent[0], s) for s in SHAPES}, n)
         text = (f"the {absent[0]} {absent[1]}" if rng.random() < 0.5
                 else f"all {absent[0]} {PLURAL[absent[1]]}")
         return objs, text, [], None
@@ -130,7 +135,7 @@ def _object_box_point(mask: np.ndarray) -> tuple[list[int], list[int]]:
 
 
 def make_scene(rng: np.random.Generator, qtype: str, size: int, *, min_objects: int = 2,
-               max_objects: int = 6, object_frac: tuple[float, float] = OBJECT_FRAC):
+               max_objects: int = 6, object_frac: tuple[float, float] = OBJECT_FRAC, absent: str = "combo"):
     """One image: returns (rgb uint8 array, union mask of referred objects, query, solution).
     Objects are squares of side ``object_frac`` x ``size`` (at least 8 px) holding their shape."""
     lo = max(8, round(object_frac[0] * size))
@@ -138,7 +143,7 @@ def make_scene(rng: np.random.Generator, qtype: str, size: int, *, min_objects: 
     gap = max(2, size // 40)
     for _ in range(100):
         try:
-            objs, query, referred, direction = _plan(rng, qtype, min_objects, max_objects)
+            objs, query, referred, direction = _plan(rng, qtype, min_objects, max_objects, absent)
             sizes = [int(d) for d in rng.integers(lo, hi + 1, size=len(objs))]
             corners = _place(rng, sizes, size, gap)
             if direction is not None:
@@ -190,7 +195,8 @@ def _type_plan(n: int, no_object_fraction: float, query_types, rng: np.random.Ge
 
 def generate(out_dir, *, train: int = 200, val: int = 50, size: int = 840, seed: int = 0,
              no_object_fraction: float = 0.2, query_types=QUERY_TYPES, min_objects: int = 2,
-             max_objects: int = 6, object_frac: tuple[float, float] = OBJECT_FRAC, progress: bool = True) -> dict:
+             max_objects: int = 6, object_frac: tuple[float, float] = OBJECT_FRAC, absent: str = "combo",
+             progress: bool = True) -> dict:
     """Write the dataset under ``out_dir``; returns {"train": jsonl path, "val": ..., "counts": ...}."""
     from tqdm import tqdm
 
@@ -202,6 +208,8 @@ def generate(out_dir, *, train: int = 200, val: int = 50, size: int = 840, seed:
         raise ValueError("train and val counts must be >= 0")
     if not 1 <= min_objects <= max_objects or max_objects < 3:
         raise ValueError("need 1 <= min_objects <= max_objects and max_objects >= 3")
+    if absent not in ABSENT_MODES:
+        raise ValueError(f"absent must be one of {ABSENT_MODES}, got {absent!r}")
     if not 0.0 < object_frac[0] <= object_frac[1] <= 0.5:
         raise ValueError(f"object_frac must satisfy 0 < low <= high <= 0.5, got {object_frac}")
     query_types = tuple(query_types)
@@ -221,7 +229,7 @@ def generate(out_dir, *, train: int = 200, val: int = 50, size: int = 840, seed:
         for i, qtype in enumerate(types):
             rng = np.random.default_rng([seed, code, i])
             img, mask, query, solution = make_scene(rng, qtype, size, min_objects=min_objects,
-                                                    max_objects=max_objects, object_frac=object_frac)
+                                                    max_objects=max_objects, object_frac=object_frac, absent=absent)
             img_path = out / "images" / split / f"{i:06d}.png"
             mask_path = out / "masks" / split / f"{i:06d}.png"
             Image.fromarray(img, "RGB").save(img_path, format="PNG")
@@ -266,12 +274,16 @@ def main(argv=None) -> int:
     p.add_argument("--object-frac", type=float, nargs=2, default=OBJECT_FRAC, metavar=("LOW", "HIGH"),
                    help="object side as a fraction of the image side, drawn uniformly in [LOW, HIGH] "
                         f"(at least 8 px; default {OBJECT_FRAC[0]} {OBJECT_FRAC[1]})")
+    p.add_argument("--absent", choices=ABSENT_MODES, default="combo",
+                   help="no-object queries: 'combo' = that colour-shape pair is absent (the colour may be there "
+                        "on another shape), 'colour' = the colour is absent from the image (default combo)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     a = p.parse_args(argv)
     try:
         res = generate(a.out, train=a.train, val=a.val, size=a.size, seed=a.seed,
                        no_object_fraction=a.no_object_fraction, query_types=a.query_types,
                        min_objects=a.min_objects, max_objects=a.max_objects, object_frac=tuple(a.object_frac),
+                       absent=a.absent,
                        progress=not a.no_progress)
     except ValueError as e:
         p.error(str(e))

@@ -9,7 +9,8 @@ What it does (everything on CPU, one gloo world of ``--nproc`` ranks, data paral
 1. **Data** (``tools/make_synthetic_grounding.generate``, 48 px images, objects 20-35 % of the side):
    a *warm-up* split of one-object scenes, a *base* split whose queries always name a present object
    (2-3 objects, ``no_object_fraction=0``) and a *study* split where a quarter of the queries name an
-   absent object (solution ``[]``, "no object"). Queries are single-object ("the red circle");
+   absent object (solution ``[]``, "no object"; the named colour is nowhere in the image, see
+   ``design.Profile.absent``). Queries are single-object ("the red circle");
    no-object queries are phrased the same way ("all red circles" -> "the red circle") so the wording
    gives nothing away. The tiny model has no absolute position embedding anywhere (rotary only), so
    no pixel would tell it where an object is: ``shade_background`` paints a colour ramp (red with x,

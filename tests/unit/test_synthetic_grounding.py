@@ -156,3 +156,15 @@ def test_object_frac_sets_the_object_sizes(tmp_path):
                      "--object-frac", "0.25", "0.3", "--no-progress"]) == 0
     with pytest.raises(SystemExit):
         gen.main(["--out", str(tmp_path / "bad2"), "--object-frac", "0", "0.3"])
+
+
+def test_absent_colour_keeps_the_named_colour_out_of_the_image(tmp_path):
+    """absent="colour": a no-object query's colour is drawn nowhere; "combo" only avoids the pair."""
+    gen.generate(tmp_path / "c", train=12, val=0, size=64, seed=5, no_object_fraction=1.0, absent="colour",
+                 progress=False)
+    for s in load_samples(tmp_path / "c" / "train.jsonl"):
+        colour = s.problem.split()[1]
+        img = np.asarray(Image.open(s.image).convert("RGB")).reshape(-1, 3)
+        assert not (img == np.array(gen.COLORS[colour], np.uint8)).all(-1).any(), s.problem
+    with pytest.raises(ValueError, match="absent"):
+        gen.generate(tmp_path / "bad", train=1, val=0, size=64, absent="shape", progress=False)

@@ -134,7 +134,7 @@ def make_data(work: Path, profile: Profile) -> dict:
         else:
             res = generate(out, train=train, val=val, size=profile.data_size, seed=seed, no_object_fraction=frac,
                            query_types=("single",), max_objects=profile.max_objects,
-                           object_frac=profile.object_frac, progress=False)
+                           object_frac=profile.object_frac, absent=profile.absent, progress=False)
             reworded = sum(unify_no_object_wording(res[k]) for k in ("train", "val"))
         shaded = shade_background(out, strength=profile.shade_strength, halo=profile.halo)
         info[split] = {"train": str(res["train"]), "val": str(res["val"]), "counts": res["counts"],

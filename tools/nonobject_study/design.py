@@ -25,6 +25,9 @@ class Profile:
     shade_strength: int = 200
     halo: int = 4
     no_object_fraction: float = 0.25
+    # A no-object query names a colour the image does not hold (the generator's absent="colour"):
+    # the base model finds objects by colour first, so absence is something it can see.
+    absent: str = "colour"
     max_objects: int = 3
     data_seed: int = 0
     model_seed: int = 0

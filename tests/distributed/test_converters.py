@@ -143,3 +143,15 @@ def test_interrupted_conversion_leaves_no_output(hf_dirs, tmp_path):
     helped = subprocess.run([sys.executable, str(REPO / "checkpoint_converters" / "megatron_to_hf.py"), "--help"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert helped.returncode == 0 and "--max-shard-size" in helped.stdout
+
+
+def test_unreadable_megatron_shard_fails_on_every_rank_without_output(hf_dirs, tmp_path):
+    # Ranks read their parameters while streaming to rank 0: a read failure on one rank must not
+    # leave the others waiting in a send or receive, and nothing may be published.
+    meg, back = tmp_path / "meg", tmp_path / "back"
+    to_megatron(hf_dirs["untied"], meg, tp=2, pp=1)
+    shard = sorted(meg.glob("__1_*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    with pytest.raises(ConversionError, match=r"cannot read .*EOFError"):
+        to_hf(meg, back, tp=2, pp=1)
+    assert not back.exists()

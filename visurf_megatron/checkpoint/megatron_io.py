@@ -271,10 +271,20 @@ class ParameterLoader:
             MCoreLoadPlanner, _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict,
         )
 
+        from torch.distributed.checkpoint.api import CheckpointException
+
         sharded = {f"{i}.{j}": sh for i, p in enumerate(params) for j, sh in enumerate(self._shards[id(p)])}
         by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded)
-        dcp.load(mcore_to_pyt_state_dict(by_key, True), storage_reader=self._reader, no_dist=True,
-                 planner=MCoreLoadPlanner(shapes_validation_sharded_tensors=list(sharded.values())))
+        try:
+            dcp.load(mcore_to_pyt_state_dict(by_key, True), storage_reader=self._reader, no_dist=True,
+                     planner=MCoreLoadPlanner(shapes_validation_sharded_tensors=list(sharded.values())))
+        except CheckpointException as exc:
+            # A BaseException in torch, its text a whole traceback whose last line is the cause:
+            # make it an ordinary error that callers can catch and report in one line.
+            cause = [line.strip() for line in str(exc).splitlines() if line.strip()][-1:]
+            keys = sorted(by_key)
+            raise RuntimeError(f"cannot read {keys[0]}{' and others' if len(keys) > 1 else ''}: "
+                               f"{cause[0] if cause else type(exc).__name__}") from None
         for param in params:
             # The reads went into the ShardedTensors' data; they must be the parameter's own memory.
             if any(sh.data.untyped_storage().data_ptr() != param.untyped_storage().data_ptr()

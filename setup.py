@@ -45,7 +45,7 @@ setup(
         # torchvision dependency pulls a CUDA torch; the evaluation drives SAM2 without torchvision),
         # then hydra-core and iopath (see README / Makefile).
         "sam2": ["sam2==1.1.0", "hydra-core==1.3.8", "iopath==0.1.10"],
-        "eval": ["math-verify==0.9.0", "scikit-learn==1.9.1", "matplotlib==3.11.2"],
+        "eval": ["math-verify==0.9.0", "matplotlib==3.11.2"],
         "data": ["pyarrow==26.0.1", "datasets==5.2.0"],
         "test": ["pytest==9.2.0", "pytest-timeout==2.4.0"],
     },

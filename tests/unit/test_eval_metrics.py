@@ -113,6 +113,9 @@ def test_anomaly_roc_auc_hand():
     # Positives 0.35, 0.8 vs negatives 0.1, 0.4: 3 of 4 pairs ordered.
     assert anomaly_roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.75
     assert math.isnan(anomaly_roc_auc([1, 1], [0.2, 0.3]))
+    # Ties count one half: positives 0.5, 0.9 vs negatives 0.5, 0.2 -> (0.5 + 1 + 1 + 1) / 4.
+    assert anomaly_roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.2, 0.9]) == 0.875
+    assert anomaly_roc_auc([1, 0, 1, 0, 0], [0.1, 0.3, 0.2, 0.3, 0.4]) == 0.0
     assert anomaly_score_from_mask(_mask((4, 5), (0, 1, 0, 5))) == 0.25
 
 

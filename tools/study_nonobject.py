@@ -265,7 +265,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     config_dir = Path(args.configs).resolve()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     work.mkdir(parents=True, exist_ok=True)
-    command = "python tools/study_nonobject.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = " ".join(["python tools/study_nonobject.py"]
+                       + [shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])])
 
     from visurf_megatron.config import load_config
     from visurf_megatron.runtime.spawn import run_world

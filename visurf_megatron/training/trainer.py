@@ -113,7 +113,8 @@ class Trainer:
                 self.step = state["step"]
                 self.feed.consumed = state["consumed"]
                 self.skipped_steps = state.get("skipped_steps", 0)
-                self.gt_style = state.get("gt_style") or self.gt_style
+                if cfg.algorithm.gt_style == AUTO:  # an explicit style in the config always wins
+                    self.gt_style = state.get("gt_style")
         self.logger = MetricsLogger(cfg.logging.dir, tensorboard=cfg.logging.tensorboard, jsonl=cfg.logging.jsonl,
                                     resume_from_step=self.step)
 

@@ -115,12 +115,11 @@ def _plan(rng: np.random.Generator, qtype: str, n_min: int, n_max: int, absent: 
         direction = DIRECTIONS[int(rng.integers(len(DIRECTIONS)))]
         return objs, f"the {direction} {shape}", list(range(k)), direction
     if qtype == "no_object":
-        absent_mode = absent
-        absent = combos[int(rng.integers(len(combos)))]
+        missing = combos[int(rng.integers(len(combos)))]
         n = int(rng.integers(max(1, n_min), n_max + 1))
-        objs = other_combos({absent} if absent_mode == "combo" else {(absent[0], s) for s in SHAPES}, n)
-        text = (f"the {absent[0]} {absent[1]}" if rng.random() < 0.5
-                else f"all {absent[0]} {PLURAL[absent[1]]}")
+        objs = other_combos({missing} if absent == "combo" else {(missing[0], s) for s in SHAPES}, n)
+        text = (f"the {missing[0]} {missing[1]}" if rng.random() < 0.5
+                else f"all {missing[0]} {PLURAL[missing[1]]}")
         return objs, text, [], None
     raise ValueError(f"unknown query type {qtype!r}")
 

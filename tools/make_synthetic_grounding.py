@@ -133,13 +133,34 @@ def _object_box_point(mask: np.ndarray) -> tuple[list[int], list[int]]:
     return box, [int(px), int(py)]
 
 
+def object_geometry(size: int, object_frac: tuple[float, float] = OBJECT_FRAC) -> tuple[int, int, int]:
+    """(smallest object side, largest object side, gap between objects and to the border) in pixels."""
+    lo = max(8, round(object_frac[0] * size))
+    return lo, max(lo + 1, round(object_frac[1] * size)), max(2, size // 40)
+
+
+def split_dirs(out: Path, split: str) -> None:
+    (out / "images" / split).mkdir(parents=True, exist_ok=True)
+    (out / "masks" / split).mkdir(parents=True, exist_ok=True)
+
+
+def write_scene(out: Path, split: str, i: int, img: np.ndarray, mask: np.ndarray, query: str,
+                solution: list, qtype: str) -> Sample:
+    """Save image ``i`` of ``split`` and its mask as PNGs under ``out``; the sample that describes them."""
+    img_path = out / "images" / split / f"{i:06d}.png"
+    mask_path = out / "masks" / split / f"{i:06d}.png"
+    Image.fromarray(img, "RGB").save(img_path, format="PNG")
+    Image.fromarray(mask.astype(np.uint8) * 255, "L").save(mask_path, format="PNG")
+    size = img.shape[0]
+    return Sample(id=f"{split}_{i:06d}", task="grounding", image=str(img_path), problem=query, solution=solution,
+                  img_width=size, img_height=size, mask=str(mask_path), meta={"query_type": qtype, "split": split})
+
+
 def make_scene(rng: np.random.Generator, qtype: str, size: int, *, min_objects: int = 2,
                max_objects: int = 6, object_frac: tuple[float, float] = OBJECT_FRAC, absent: str = "combo"):
     """One image: returns (rgb uint8 array, union mask of referred objects, query, solution).
     Objects are squares of side ``object_frac`` x ``size`` (at least 8 px) holding their shape."""
-    lo = max(8, round(object_frac[0] * size))
-    hi = max(lo + 1, round(object_frac[1] * size))
-    gap = max(2, size // 40)
+    lo, hi, gap = object_geometry(size, object_frac)
     for _ in range(100):
         try:
             objs, query, referred, direction = _plan(rng, qtype, min_objects, max_objects, absent)
@@ -221,21 +242,14 @@ def generate(out_dir, *, train: int = 200, val: int = 50, size: int = 840, seed:
     bar = tqdm(total=train + val, desc="synthetic grounding", unit="img", disable=not progress)
     for split, n in (("train", train), ("val", val)):
         code = SPLIT_CODES[split]
-        (out / "images" / split).mkdir(parents=True, exist_ok=True)
-        (out / "masks" / split).mkdir(parents=True, exist_ok=True)
+        split_dirs(out, split)
         types = _type_plan(n, no_object_fraction, query_types, np.random.default_rng([seed, code, 1 << 30]))
         samples, counts = [], {}
         for i, qtype in enumerate(types):
             rng = np.random.default_rng([seed, code, i])
             img, mask, query, solution = make_scene(rng, qtype, size, min_objects=min_objects,
                                                     max_objects=max_objects, object_frac=object_frac, absent=absent)
-            img_path = out / "images" / split / f"{i:06d}.png"
-            mask_path = out / "masks" / split / f"{i:06d}.png"
-            Image.fromarray(img, "RGB").save(img_path, format="PNG")
-            Image.fromarray(mask.astype(np.uint8) * 255, "L").save(mask_path, format="PNG")
-            samples.append(Sample(id=f"{split}_{i:06d}", task="grounding", image=str(img_path),
-                                  problem=query, solution=solution, img_width=size, img_height=size,
-                                  mask=str(mask_path), meta={"query_type": qtype, "split": split}))
+            samples.append(write_scene(out, split, i, img, mask, query, solution, qtype))
             counts[qtype] = counts.get(qtype, 0) + 1
             bar.update(1)
         result[split] = save_samples_jsonl(samples, out / f"{split}.jsonl")

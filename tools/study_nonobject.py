@@ -58,7 +58,7 @@ if str(REPO) not in sys.path:  # `python tools/study_nonobject.py` puts tools/ f
 
 from tools.nonobject_study.data import make_data, make_model  # noqa: E402
 from tools.nonobject_study.design import CURVE_KEYS, FULL, METHODS, QUICK, Profile  # noqa: E402
-from tools.nonobject_study.report import _pct, plot, render_markdown, summarise  # noqa: E402
+from tools.nonobject_study.report import pct, plot, render_markdown, summarise  # noqa: E402
 from tools.nonobject_study.scoring import evaluate_trainer  # noqa: E402
 
 CONFIG_DIR = REPO / "examples" / "configs" / "study"
@@ -156,8 +156,8 @@ def study_world(jobs: list[dict], log_dir: str) -> list[dict]:
                 results.append(result)
                 m = result["metrics"]
                 log(f"{job['name']}: trained {cfg.train.steps} steps in {train_s:.0f} s, evaluated in {eval_s:.0f} s: "
-                    f"gIoU {_pct(m['giou'])} cIoU {_pct(m['ciou'])} N-Acc {_pct(m['n_acc'])} "
-                    f"T-Acc {_pct(m['t_acc'])} bbox {_pct(m['bbox_acc'])} parse-fail {_pct(m['parse_fail_rate'])}")
+                    f"gIoU {pct(m['giou'])} cIoU {pct(m['ciou'])} N-Acc {pct(m['n_acc'])} "
+                    f"T-Acc {pct(m['t_acc'])} bbox {pct(m['bbox_acc'])} parse-fail {pct(m['parse_fail_rate'])}")
             dist.barrier()
     return results if rank == 0 else []
 
@@ -166,21 +166,15 @@ def study_world(jobs: list[dict], log_dir: str) -> list[dict]:
 # Plan
 
 
-def load_method_configs(config_dir: Path) -> dict[str, dict]:
-    """Every method's YAML as a dict, and a check that the comparison is fair: same steps, prompts
-    per step, rollouts per prompt, learning rate and generation length for all methods."""
-    import yaml
-
+def load_method_configs(config_dir: Path) -> dict[str, str]:
+    """Every method's config path, each validated, and a check that the comparison is fair: same
+    steps, prompts per step, rollouts per prompt, learning rate and generation for all methods."""
     from visurf_megatron.config import load_config
 
-    out = {}
+    out, fair = {}, {}
     for key, _, file in METHODS:
-        path = config_dir / file
-        load_config(path, world_size=2)  # validates
-        out[key] = {"path": str(path), "data": yaml.safe_load(path.read_text())}
-    fair = {}
-    for key, entry in out.items():
-        cfg = load_config(entry["path"], world_size=2)
+        out[key] = str(config_dir / file)
+        cfg = load_config(out[key], world_size=2)
         fair[key] = (cfg.train.steps, cfg.data.prompts_per_step, cfg.rollout.n, cfg.train.lr, cfg.rollout.max_new_tokens,
                      cfg.rollout.temperature, cfg.data.image_size, cfg.data.prompt_style, cfg.data.think)
     if len(set(fair.values())) != 1:
@@ -210,7 +204,6 @@ def build_jobs(work: Path, hf: Path, data: dict, profile: Profile, config_dir: P
         jobs.append({"name": name, "method": name, "seed": 0, "config": str(config_dir / cfg_file), "overrides": over,
                      "run_dir": str(work / name), "result_file": str(work / name / "result.json"), "evals": evals,
                      "eval_max_new_tokens": eval_max_new_tokens, "resume": resume})
-    load_method_configs(config_dir)
     for seed in range(seeds):
         for key, _, file in METHODS:
             run_dir = work / "runs" / f"{key}_seed{seed}"
@@ -279,7 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     data_s = time.time() - t
     log(f"data and tiny model ready in {data_s:.0f} s: {data['base']['counts']} / {data['study']['counts']}")
     jobs = build_jobs(work, hf, data, profile, config_dir, seeds=seeds, resume=args.resume,
-                      eval_max_new_tokens=load_config(method_cfgs["visurf"]["path"]).rollout.max_new_tokens)
+                      eval_max_new_tokens=load_config(method_cfgs["visurf"]).rollout.max_new_tokens)
     if args.base_only:
         jobs = jobs[:2]
     t = time.time()
@@ -293,7 +286,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     base = next(r for r in results if r["method"] == "base")
     runs = [r for r in results if r["method"] not in ("base", "base_warmup")]
 
-    ref = load_config(method_cfgs["visurf"]["path"], next(j for j in jobs if j["method"] == "visurf")["overrides"])
+    ref = load_config(method_cfgs["visurf"], next(j for j in jobs if j["method"] == "visurf")["overrides"])
     warm_cfg = load_config(jobs[0]["config"], jobs[0]["overrides"])
     base_cfg = load_config(jobs[1]["config"], jobs[1]["overrides"])
     study_rows = [json.loads(line) for line in Path(data["study"]["val"]).read_text().splitlines() if line.strip()]
@@ -310,10 +303,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "no_object_fraction": profile.no_object_fraction, "max_objects": profile.max_objects,
         "steps": ref.train.steps, "prompts_per_step": ref.data.prompts_per_step, "rollouts": ref.rollout.n,
         "lr": ref.train.lr, "max_new_tokens": ref.rollout.max_new_tokens, "prompt_style": ref.data.prompt_style,
-        "switch_step": load_config(method_cfgs["sft_then_rlvr"]["path"],
+        "switch_step": load_config(method_cfgs["sft_then_rlvr"],
                                    next(j for j in jobs if j["method"] == "sft_then_rlvr")["overrides"]
                                    ).algorithm.sft_then_rlvr_switch_step,
-        "configs": {k: v["path"] for k, v in method_cfgs.items()} | {"base_warmup": jobs[0]["config"],
+        "configs": dict(method_cfgs) | {"base_warmup": jobs[0]["config"],
                                                                      "base": jobs[1]["config"]},
         "data": data,
     }

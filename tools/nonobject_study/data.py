@@ -75,19 +75,18 @@ def make_single_object_scenes(out_dir: str | Path, *, train: int, val: int, size
     ("the red circle"). Drawn with the generator's own palette, shapes, size range and box/point
     rules (``tools/make_synthetic_grounding``); written in the same layout (JSONL + PNG + masks)."""
     import numpy as np
-    from PIL import Image
 
-    from tools.make_synthetic_grounding import BACKGROUND, COLORS, SHAPES, SPLIT_CODES, _object_box_point, _shape_mask
-    from visurf_megatron.data.samples import Sample, save_samples_jsonl
+    from tools.make_synthetic_grounding import (
+        BACKGROUND, COLORS, SHAPES, SPLIT_CODES, _object_box_point, _shape_mask, object_geometry, split_dirs,
+        write_scene,
+    )
+    from visurf_megatron.data.samples import save_samples_jsonl
 
     out = Path(out_dir)
-    lo = max(8, round(object_frac[0] * size))
-    hi = max(lo + 1, round(object_frac[1] * size))
-    gap = max(2, size // 40)
+    lo, hi, gap = object_geometry(size, object_frac)
     result: dict = {"counts": {}}
     for split, n in (("train", train), ("val", val)):
-        (out / "images" / split).mkdir(parents=True, exist_ok=True)
-        (out / "masks" / split).mkdir(parents=True, exist_ok=True)
+        split_dirs(out, split)
         samples = []
         for i in range(n):
             rng = np.random.default_rng([seed, SPLIT_CODES[split], i, 7])
@@ -101,14 +100,8 @@ def make_single_object_scenes(out_dir: str | Path, *, train: int, val: int, size
             mask[y0:y0 + d, x0:x0 + d] = _shape_mask(shape, d)
             img[mask] = COLORS[color]
             box, point = _object_box_point(mask)
-            img_path = out / "images" / split / f"{i:06d}.png"
-            mask_path = out / "masks" / split / f"{i:06d}.png"
-            Image.fromarray(img, "RGB").save(img_path, format="PNG")
-            Image.fromarray(mask.astype(np.uint8) * 255, "L").save(mask_path, format="PNG")
-            samples.append(Sample(id=f"{split}_{i:06d}", task="grounding", image=str(img_path),
-                                  problem=f"the {color} {shape}", solution=[{"bbox_2d": box, "point_2d": point}],
-                                  img_width=size, img_height=size, mask=str(mask_path),
-                                  meta={"query_type": "single_object", "split": split}))
+            samples.append(write_scene(out, split, i, img, mask, f"the {color} {shape}",
+                                       [{"bbox_2d": box, "point_2d": point}], "single_object"))
         result[split] = save_samples_jsonl(samples, out / f"{split}.jsonl")
         result["counts"][split] = {"single_object": n}
     return result

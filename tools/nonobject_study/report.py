@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 from .design import ABLATION_ROWS, LABELS, METHODS, METRICS, PARADIGM_ROWS
 
 
-def _pct(v) -> str:
+def pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}"
 
 
@@ -94,11 +94,11 @@ def render_markdown(payload: dict) -> str:
               "| --- | " + " | ".join("---:" for _ in range(seeds)) + " |"]
     for key, _, _ in METHODS:
         vals = {r["seed"]: r["metrics"]["n_acc"] for r in payload["runs"] if r["method"] == key}
-        lines.append(f"| {LABELS[key]} | " + " | ".join(_pct(vals.get(i)) for i in range(seeds)) + " |")
+        lines.append(f"| {LABELS[key]} | " + " | ".join(pct(vals.get(i)) for i in range(seeds)) + " |")
     base_val = payload.get("base_on_base_val")
     if base_val:
-        lines += ["", f"Base model on the base val split (targets only): gIoU {_pct(base_val['giou'])}, "
-                      f"bbox acc {_pct(base_val['bbox_acc'])}, parse fail {_pct(base_val['parse_fail_rate'])}."]
+        lines += ["", f"Base model on the base val split (targets only): gIoU {pct(base_val['giou'])}, "
+                      f"bbox acc {pct(base_val['bbox_acc'])}, parse fail {pct(base_val['parse_fail_rate'])}."]
     lines += ["", "![bars and training curves](nonobject.png)", "",
               "Raw numbers (per run, with training curves): `results.json`. Rerun: the command above "
               "(`--quick` for a smoke run; `--work` keeps data, logs and predictions).", ""]

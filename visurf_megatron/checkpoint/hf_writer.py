@@ -98,10 +98,7 @@ class ShardedSafetensorsWriter:
             raise ValueError(f"got {name} {tuple(tensor.shape)} {tensor.dtype}, the plan says {expected}")
         if self._file is None:
             entries = self._next_shard()
-            temp_name = f"shard-{len(self._shards):05d}.tmp"
-            self._file = open(self.directory / temp_name, "wb")
-            self._file.write(_header(entries))
-            self._shards.append((temp_name, sorted(n for n, _, _ in entries)))
+            self._file = self._open_shard(entries)
             self._left_in_file = len(entries)
         if tensor.numel():
             self._file.write(tensor_bytes(tensor))
@@ -125,14 +122,19 @@ class ShardedSafetensorsWriter:
     def _flush(self) -> None:
         if not self._pending:
             return
-        temp_name = f"shard-{len(self._shards):05d}.tmp"
-        with open(self.directory / temp_name, "wb") as f:
-            f.write(_header([(n, tuple(t.shape), t.dtype) for n, t in self._pending.items()]))
+        with self._open_shard([(n, tuple(t.shape), t.dtype) for n, t in self._pending.items()]) as f:
             for tensor in self._pending.values():
                 if tensor.numel():
                     f.write(tensor_bytes(tensor))
-        self._shards.append((temp_name, sorted(self._pending)))
         self._pending, self._pending_bytes = {}, 0
+
+    def _open_shard(self, entries):
+        """A new temporary shard file with its header written; the tensors' bytes follow in order."""
+        temp_name = f"shard-{len(self._shards):05d}.tmp"
+        f = open(self.directory / temp_name, "wb")
+        f.write(_header(entries))
+        self._shards.append((temp_name, sorted(n for n, _, _ in entries)))
+        return f
 
     def close(self) -> list[str]:
         """Flush, name the shards and write the index (only when there is more than one shard)."""

@@ -124,6 +124,12 @@ def render_ground_truth(sample: "Sample", style: str | GTStyle = THINK_COMPACT) 
     return f"<think>{st.think_text}</think>{body}" if st.think else body
 
 
+def gt_style_names(styles: Sequence[str | GTStyle] | None = None) -> list[str]:
+    """The registered names of ``styles`` (None: every registered style, in registry order); an
+    unknown style is a KeyError."""
+    return [get_gt_style(s).name for s in (styles if styles is not None else list(GT_STYLES))]
+
+
 def best_gt_style(scores: Mapping[str, float]) -> str:
     """The highest-scoring style; ties keep the earlier one (the caller's order is its preference)
     and NaN never wins."""
@@ -140,7 +146,7 @@ def choose_gt_style(score_fn: Callable[["Sample", str], float], sample: "Sample"
                     styles: Sequence[str | GTStyle] | None = None) -> tuple[str, dict[str, float]]:
     """Render the GT in every style, score each text with ``score_fn(sample, text)`` and return the
     best style name (``best_gt_style``) and all scores."""
-    names = [get_gt_style(s).name for s in (styles if styles is not None else list(GT_STYLES))]
+    names = gt_style_names(styles)
     if not names:
         raise ValueError("choose_gt_style needs at least one style")
     scores = {name: float(score_fn(sample, render_ground_truth(sample, name))) for name in names}

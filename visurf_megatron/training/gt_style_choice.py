@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from visurf_megatron.data.gt_style import GT_STYLES, get_gt_style
+from visurf_megatron.data.gt_style import gt_style_names
 
 from . import experience
 from .batching import collate, padded_length, plan_micro_batches
@@ -29,10 +29,7 @@ AUTO = "auto"
 
 def candidate_styles(styles: Sequence[str] | None = None) -> list[str]:
     """The styles ``auto`` chooses among (default: every registered style, in registry order)."""
-    names = [get_gt_style(s).name for s in (styles if styles else list(GT_STYLES))]
-    if not names:
-        raise ValueError("gt_style auto needs at least one candidate style")
-    return names
+    return gt_style_names(styles or None)
 
 
 def score_gt_styles(model_chunks, prompts, styles: Sequence[str], *, tokenizer, end_of_turn_id: int,

@@ -18,6 +18,7 @@ from visurf_megatron.checkpoint.mapping import (
     Replicated,
     Split,
     VocabSplit,
+    as_matrix,
     hub_name,
     inmemory_name,
     interleave_qkv,
@@ -155,6 +156,47 @@ def test_split_and_replicated_round_trip():
     assert torch.equal(Split(1).to_hf(cols, CTX)[0], w)
     assert Replicated().to_megatron([w], 1, 2, CTX) is w
     assert Replicated().to_hf([w, w], CTX)[0] is w
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces: what each TP rank writes in place must assemble to to_hf, covering every element once
+
+# Every transform of the table with HF tensors of the CTX geometry, hidden size 3 (biases: 1-D).
+_PIECE_CASES = {
+    "replicated": (Replicated(), lambda: [_rows(1, 4, 3)]),
+    "replicated conv": (Replicated(), lambda: [torch.arange(2 * 3 * 2 * 2 * 2).view(2, 3, 2, 2, 2) + 1]),
+    "column": (Split(0), lambda: [_rows(1, 4, 3)]),
+    "column bias": (Split(0), lambda: [torch.arange(1, 9)]),
+    "row": (Split(1), lambda: [_rows(1, 3, 8)]),
+    "vocab": (VocabSplit(), lambda: [_rows(1, 5, 3)]),
+    "qkv language": (GroupedQKV("language"), lambda: [_rows(100, 8), _rows(200, 4), _rows(300, 4)]),
+    "qkv language bias": (GroupedQKV("language"), lambda: [torch.arange(100, 108), torch.arange(200, 204),
+                                                            torch.arange(300, 304)]),
+    "qkv vision": (GroupedQKV("vision"), lambda: [_rows(100, 12)]),
+    "qkv vision bias": (GroupedQKV("vision"), lambda: [torch.arange(100, 112)]),
+    "gated mlp": (GatedMLP(), lambda: [_rows(100, 4), _rows(200, 4)]),
+    "gated mlp bias": (GatedMLP(), lambda: [torch.arange(100, 104), torch.arange(200, 204)]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_PIECE_CASES))
+@pytest.mark.parametrize("tp", [1, 2])
+def test_pieces_of_all_ranks_assemble_to_hf_covering_each_element_once(case, tp):
+    transform, make = _PIECE_CASES[case]
+    hf = make()
+    shards = [transform.to_megatron(hf, r, tp, CTX) for r in range(tp)]
+    # The reference layout is the input itself (to_hf round-trips it, checked elsewhere).
+    assembled = [torch.zeros_like(as_matrix(t)) for t in hf]
+    hits = [torch.zeros(as_matrix(t).shape, dtype=torch.int64) for t in hf]
+    for rank, shard in enumerate(shards):
+        for piece in transform.hf_pieces(shard, rank, tp, CTX):
+            rows, cols = piece.block.shape
+            assert piece.block.stride(1) == 1, "rows of a piece must be contiguous for in-place writes"
+            assembled[piece.index][piece.row:piece.row + rows, piece.col:piece.col + cols] = piece.block
+            hits[piece.index][piece.row:piece.row + rows, piece.col:piece.col + cols] += 1
+    for original, got, count in zip(hf, assembled, hits):
+        assert torch.all(count == 1), f"{case} tp{tp}: elements written {count.unique().tolist()} times"
+        assert torch.equal(got.reshape(original.shape), original)
 
 
 # --------------------------------------------------------------------------------------------

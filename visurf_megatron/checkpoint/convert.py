@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from . import export
-from .hf_writer import ShardedSafetensorsWriter, commit_output, parse_size, prepare_output
-from .mapping import MappingContext, hub_name, load_hf_state_dict_into
+from .hf_writer import ShardPlan, SlotWriter, commit_output, parse_size, prepare_output
+from .mapping import hub_name, load_hf_state_dict_into
 from .megatron_io import (
     ASSETS_DIR, DTYPES, ParameterLoader, build_model, copy_hf_assets, read_meta, resolve_checkpoint_dir, save_model,
     write_meta,
@@ -179,10 +179,10 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int, pp: int,
 def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, hf_template: Optional[str | Path] = None,
                    dtype: Optional[str] = None, max_shard_size: str = "5GB", overwrite: bool = False,
                    tp: int = 1, pp: int = 1, progress: bool = True) -> dict:
-    """Load a dist checkpoint under (tp, pp) and stream it into an HF directory (rank 0 writes).
+    """Load a dist checkpoint under (tp, pp) and write it as an HF directory, every rank its parts.
 
     The model is built (untouched memory) only for its layout: parameters are read a group at a
-    time, sent to rank 0 and freed, and rank 0 writes each tensor as it arrives.
+    time, written in place into the planned safetensors files and freed.
     """
     from visurf_megatron.runtime import setup_model_parallel
 
@@ -204,48 +204,41 @@ def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, hf_template
         parse_size(max_shard_size)
         setup_model_parallel(tp=tp, pp=pp)
         model, _ = build_model(meta["hf_config"], tp, pp, DTYPES[meta["dtype"]])
-        return ckpt, meta, assets, _to_collective_device(model)
+        return ckpt, meta, assets, model  # stays on the CPU: only files are written, no tensor collectives
 
     ckpt, meta, assets, model = _on_all_ranks(validate, "validation")
-    # Each rank loads its parameters a group at a time just before sending them to rank 0, and frees
-    # them once sent, so no rank ever holds its whole shard (see export.py, ParameterLoader).
+    # Each rank loads its parameters a group at a time just before writing its parts of them, and
+    # frees them once written, so no rank ever holds its whole shard (ParameterLoader, export.py).
     loader = _on_all_ranks(lambda: _checked_loader(model, ckpt), f"reading {ckpt}")
-    planned = export.plan([model])
     out_dtype = DTYPES[dtype] if dtype else DTYPES[meta["dtype"]]
-    temp = _broadcast_path(_on_all_ranks(lambda: prepare_output(out_dir, overwrite) if rank == 0 else None,
-                                         "preparing the output"))
-    writer = None
-    if rank == 0:
-        layout = export.hf_layout(planned, MappingContext.from_extras(model.extras), model.extras.tie_word_embeddings)
-        writer = ShardedSafetensorsWriter(temp, parse_size(max_shard_size), out_dtype, plan=layout)
-    # A failure mid-stream must not leave the other ranks blocked in a send or receive: it is
-    # recorded, the stream runs to its end, and every rank raises it below.
-    failures: list[str] = []
+    plan = ShardPlan.build(export.hf_layout([model]), parse_size(max_shard_size), out_dtype)
 
-    def fetch(param):
+    def prepare():
+        temp = prepare_output(out_dir, overwrite)
+        plan.create_files(temp)
+        return temp
+
+    temp = _broadcast_path(_on_all_ranks(lambda: prepare() if rank == 0 else None, "preparing the output"))
+
+    def write():
+        writer = SlotWriter(temp, plan)
         try:
-            return loader.fetch(param)
-        except Exception as exc:  # noqa: BLE001 - raised on every rank after the stream
-            failures.append(f"loading {ckpt}: {type(exc).__name__}: {exc}")
-            return torch.zeros_like(param)
+            return export.write_own_parts([model], writer, fetch=loader.fetch, release=loader.release,
+                                          progress=lambda it: _progress(it, progress and rank == 0, desc="export",
+                                                                        unit="tensor"))
+        finally:
+            writer.close()
 
-    count = 0
-    stream = export.stream_to_rank0([model], planned, fetch=fetch, release=loader.release)
-    for name, tensor in _progress(stream, progress and rank == 0, desc="export", unit="tensor"):
-        if writer is not None and not failures:
-            try:
-                writer.add(name, tensor)
-            except Exception as exc:  # noqa: BLE001 - raised on every rank after the stream
-                failures.append(f"writing {name}: {type(exc).__name__}: {exc}")
-        count += 1
-        del tensor
+    written = _on_all_ranks(write, "exporting")
+    counts = [None] * world
+    dist.all_gather_object(counts, written)
+    if sum(counts) != plan.total_bytes:  # a mapping that misses or repeats bytes must not go unseen
+        raise ConversionError(f"the ranks wrote {sum(counts)} bytes, the checkpoint has {plan.total_bytes}")
 
     def finish():
-        if failures:
-            raise RuntimeError(failures[0])
         if rank != 0:
             return []
-        files = writer.close()
+        files = plan.write_index(temp)
         config = dict(meta["hf_config"])
         config["dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[out_dtype]
         config.pop("torch_dtype", None)
@@ -257,7 +250,7 @@ def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, hf_template
     if rank == 0:
         commit_output(temp, out_dir)
     dist.barrier()
-    return {"out_dir": str(out_dir), "tensors": count, "files": files, "dtype": str(out_dtype)}
+    return {"out_dir": str(out_dir), "tensors": len(plan.slots), "files": files, "dtype": str(out_dtype)}
 
 
 def _checked_loader(model, ckpt: Path) -> ParameterLoader:

@@ -1,33 +1,23 @@
-"""Stream a TP/PP-sharded model to one rank as HF tensors, one parameter at a time.
+"""Write a TP/PP-sharded model as an HF checkpoint, every rank writing its own shards in place.
 
 ``mapping.iter_hf_tensors`` gives every rank every tensor (all-gather over TP, broadcast over PP):
-what the rollout weight sync needs. A converter writes on one rank only, so here each owner of a
-shard sends it to rank 0 point to point and rank 0 alone assembles the HF tensors: the other
-ranks never hold a gathered tensor, and rank 0 holds one parameter's shards and its HF tensors at
-a time. ``fetch``/``release`` hooks let the caller load a parameter just before it is sent and
-free it right after (``megatron_io.ParameterLoader``).
+what the rollout weight sync needs. A converter only needs the bytes on disk, and the HF layout
+(files, headers, offsets) follows from names, shapes and dtypes alone (``hf_writer.ShardPlan``).
+So every rank plans the same files and writes the parts of the HF tensors its shards make
+(``Piece``s of the mapping's transforms) straight into them: no tensor crosses ranks, no rank ever
+assembles a full tensor, and the ranks write at the same time. ``fetch``/``release`` hooks let the
+caller load a parameter just before it is written and free it right after
+(``megatron_io.ParameterLoader``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 
+from .hf_writer import SlotWriter
 from .mapping import MappingContext, Replicated, lookup, resolve_params, unwrap
-
-DESTINATION = 0
-
-
-@dataclass(frozen=True)
-class PlannedParam:
-    """One exported parameter as rank 0 sees it: where its shards live and what it becomes."""
-
-    global_name: str
-    shard_shape: tuple[int, ...]
-    dtype: torch.dtype
-    sources: tuple[int, ...]  # global ranks holding its TP shards, in TP order (one if replicated)
 
 
 def _exported(model_chunks):
@@ -35,7 +25,7 @@ def _exported(model_chunks):
 
 
 def senders(model_chunks) -> list[torch.Tensor]:
-    """This rank's parameters that it sends (or, on rank 0, uses), in sending order."""
+    """This rank's parameters that it writes, in writing order (a replicated one by TP rank 0 only)."""
     from megatron.core import parallel_state
 
     if parallel_state.get_data_parallel_rank() != 0:
@@ -44,8 +34,12 @@ def senders(model_chunks) -> list[torch.Tensor]:
     return [p for r, p in _exported(model_chunks) if tp_rank == 0 or not isinstance(r.mapping.transform, Replicated)]
 
 
-def plan(model_chunks) -> Optional[list[PlannedParam]]:
-    """Collective: on rank 0, every exported parameter in stream order; None elsewhere."""
+def hf_layout(model_chunks) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """Collective: (HF name, shape, dtype) of every tensor of the whole model, the same on every rank.
+
+    In pipeline-stage order, each stage's tensors in parameter order; shapes come from running the
+    transforms' ``to_hf`` on meta tensors of the shard shapes.
+    """
     from megatron.core import parallel_state
 
     mine = [(r.global_name, tuple(p.shape), str(p.dtype).removeprefix("torch.")) for r, p in _exported(model_chunks)]
@@ -53,63 +47,39 @@ def plan(model_chunks) -> Optional[list[PlannedParam]]:
              parallel_state.get_data_parallel_rank())
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (where, mine))
-    if dist.get_rank() != DESTINATION:
-        return None
-    by_position = {w: (rank, params) for rank, (w, params) in enumerate(everyone) if w[2] == 0}
+    by_position = {w: params for w, params in everyone}
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    tied = unwrap(model_chunks[0]).extras.tie_word_embeddings
+    ctx = MappingContext.from_extras(unwrap(model_chunks[0]).extras)
     out = []
     for stage in range(parallel_state.get_pipeline_model_parallel_world_size()):
-        _, params = by_position[(stage, 0, 0)]
-        for name, shape, dtype in params:
-            replicated = isinstance(lookup(name, tied).mapping.transform, Replicated)
-            ranks = tuple(by_position[(stage, t, 0)][0] for t in range(1 if replicated else tp))
-            out.append(PlannedParam(name, shape, getattr(torch, dtype), ranks))
+        for name, shape, dtype in by_position[(stage, 0, 0)]:
+            entry = lookup(name, ctx.tie_word_embeddings)
+            transform = entry.mapping.transform
+            meta = [torch.empty(shape, dtype=getattr(torch, dtype), device="meta")] * (
+                1 if isinstance(transform, Replicated) else tp)
+            out.extend((h, tuple(t.shape), t.dtype) for h, t in zip(entry.hf_names, transform.to_hf(meta, ctx)))
     return out
 
 
-def hf_layout(planned: list[PlannedParam], ctx: MappingContext, tied: bool) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-    """(HF name, shape, dtype) of every tensor the stream yields, in order (from meta tensors)."""
-    out = []
-    for p in planned:
-        entry = lookup(p.global_name, tied)
-        meta = [torch.empty(p.shard_shape, dtype=p.dtype, device="meta")] * len(p.sources)
-        out.extend((h, tuple(t.shape), p.dtype) for h, t in zip(entry.hf_names, entry.mapping.transform.to_hf(meta, ctx)))
-    return out
-
-
-def stream_to_rank0(model_chunks, planned: Optional[list[PlannedParam]], *,
+def write_own_parts(model_chunks, writer: SlotWriter, *,
                     fetch: Callable[[torch.Tensor], torch.Tensor] = lambda p: p,
-                    release: Callable[[torch.Tensor], None] = lambda p: None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Collective: rank 0 yields ``(hub_name, full tensor)`` for the whole model; other ranks send.
+                    release: Callable[[torch.Tensor], None] = lambda p: None,
+                    progress: Callable[[Iterable], Iterable] = lambda it: it) -> int:
+    """Write this rank's parts of the HF tensors into ``writer``'s files; returns the bytes written.
 
-    ``planned`` is ``plan(model_chunks)`` (None off rank 0). Every rank must drain the iterator.
+    No collectives: ranks may fail or finish independently (the caller checks the totals).
     """
-    own = senders(model_chunks)
-    me = dist.get_rank()
-    if me != DESTINATION:
-        for param in own:
-            dist.send(fetch(param).detach().contiguous(), dst=DESTINATION)
-            release(param)
-        return
+    from megatron.core import parallel_state
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
     ctx = MappingContext.from_extras(unwrap(model_chunks[0]).extras)
-    tied = unwrap(model_chunks[0]).extras.tie_word_embeddings
-    device = next(unwrap(model_chunks[0]).parameters()).device  # nccl receives into GPU memory
-    local = iter(own)
-    for p in planned:
-        shards = []
-        for src in p.sources:
-            if src == me:
-                param = next(local)
-                shards.append(fetch(param).detach())
-            else:
-                shards.append(torch.empty(p.shard_shape, dtype=p.dtype, device=device))
-                dist.recv(shards[-1], src=src)
-        entry = lookup(p.global_name, tied)
-        tensors = entry.mapping.transform.to_hf(shards, ctx)
-        del shards
-        if any(src == me for src in p.sources):
+    resolved = {id(p): r for r, p in _exported(model_chunks)}
+    before = writer.bytes_written
+    with torch.no_grad():
+        for param in progress(senders(model_chunks)):
+            r = resolved[id(param)]
+            for piece in r.mapping.transform.hf_pieces(fetch(param).detach(), tp_rank, tp_size, ctx):
+                writer.write(r.hf_names[piece.index], piece.row, piece.col, piece.block)
             release(param)
-        for name, tensor in zip(entry.hf_names, tensors):
-            yield name, tensor
-        del tensors
+    return writer.bytes_written - before

@@ -1,11 +1,9 @@
-"""Streaming writer for HF checkpoints: sharded safetensors + index, config, assets, atomically.
+"""Writers for HF checkpoints: sharded safetensors + index, and the atomic output directory.
 
-Tensors arrive one at a time (from a gather over TP/PP). Given the plan of what will arrive
-(names, shapes, dtypes: the converter knows it up front), shard boundaries and every header are
-known before the first byte, so each tensor goes to its file as it arrives and nothing is held.
-Without a plan at most one shard's worth is held before it is flushed. Either way the files are
-the same safetensors files (header written by ``_header``), renamed
-``model-0000i-of-0000N.safetensors`` once N is known.
+Two ways to write the same files (headers from ``_header``, shards filled in order up to a size):
+``ShardedSafetensorsWriter`` takes whole tensors one at a time and buffers one shard;
+``ShardPlan`` + ``SlotWriter`` fix every file and offset from the names, shapes and dtypes alone,
+so that every rank of a TP/PP world writes its own parts of the tensors in place, at once.
 """
 from __future__ import annotations
 
@@ -14,6 +12,7 @@ import os
 import re
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
@@ -52,15 +51,36 @@ def _header(entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]]) -> byte
     return len(text).to_bytes(8, "little") + text
 
 
+def shard_groups(entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int) -> list[list]:
+    """Consecutive entries grouped into shards of at most ``max_shard_bytes`` (a larger tensor alone)."""
+    groups, size = [], 0
+    for entry in entries:
+        nbytes = torch.Size(entry[1]).numel() * entry[2].itemsize
+        if not groups or size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += nbytes
+    return groups
+
+
+def shard_names(count: int) -> list[str]:
+    return [SINGLE_NAME] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def write_index(directory: Path, files: Sequence[tuple[str, Sequence[str]]], total_bytes: int) -> None:
+    """``model.safetensors.index.json`` for (file name, tensor names) pairs; none for a single file."""
+    if len(files) == 1:
+        return
+    weight_map = {name: file for file, names in files for name in names}
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    (Path(directory) / INDEX_NAME).write_text(json.dumps(index, indent=2))
+
+
 class ShardedSafetensorsWriter:
-    """Writes tensors into shards of at most ``max_shard_bytes`` (a larger tensor gets its own).
+    """Writes tensors as they come into shards of at most ``max_shard_bytes`` (one shard buffered)."""
 
-    ``plan``: the (name, shape, dtype) of every tensor, in the order ``add`` will get them (dtype
-    before the cast to ``dtype``); with it tensors are written as they arrive, not buffered.
-    """
-
-    def __init__(self, directory: Path, max_shard_bytes: int, dtype: Optional[torch.dtype] = None,
-                 plan: Optional[Sequence[tuple[str, tuple[int, ...], torch.dtype]]] = None):
+    def __init__(self, directory: Path, max_shard_bytes: int, dtype: Optional[torch.dtype] = None):
         self.directory = Path(directory)
         self.max_shard_bytes = max_shard_bytes
         self.dtype = dtype
@@ -69,92 +89,153 @@ class ShardedSafetensorsWriter:
         self._shards: list[tuple[str, list[str]]] = []  # temporary file name, tensor names
         self._seen: set[str] = set()
         self.total_bytes = 0
-        self._plan = None if plan is None else [(n, tuple(s), self._out_dtype(d)) for n, s, d in plan]
-        self._next = 0  # index in the plan of the next tensor
-        self._file = None  # the shard being streamed: open file, tensors still to come in it
-        self._left_in_file = 0
-
-    def _out_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        return self.dtype if self.dtype is not None and dtype.is_floating_point else dtype
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._seen:
             raise ValueError(f"tensor {name} written twice")
         self._seen.add(name)
-        tensor = tensor.detach().to(self._out_dtype(tensor.dtype)).contiguous().cpu()
+        out_dtype = self.dtype if self.dtype is not None and tensor.dtype.is_floating_point else tensor.dtype
+        tensor = tensor.detach().to(out_dtype).contiguous().cpu()
         size = tensor.numel() * tensor.element_size()
         self.total_bytes += size
-        if self._plan is not None:
-            self._stream(name, tensor)
-            return
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self._flush()
         self._pending[name] = tensor
         self._pending_bytes += size
 
-    def _stream(self, name: str, tensor: torch.Tensor) -> None:
-        if self._next >= len(self._plan) or self._plan[self._next] != (name, tuple(tensor.shape), tensor.dtype):
-            expected = self._plan[self._next] if self._next < len(self._plan) else "nothing"
-            raise ValueError(f"got {name} {tuple(tensor.shape)} {tensor.dtype}, the plan says {expected}")
-        if self._file is None:
-            entries = self._next_shard()
-            self._file = self._open_shard(entries)
-            self._left_in_file = len(entries)
-        if tensor.numel():
-            self._file.write(tensor_bytes(tensor))
-        self._next += 1
-        self._left_in_file -= 1
-        if self._left_in_file == 0:
-            self._file.close()
-            self._file = None
-
-    def _next_shard(self) -> list:
-        """The planned tensors of the shard starting at ``self._next`` (same rule as buffering)."""
-        entries, size = [], 0
-        for name, shape, dtype in self._plan[self._next:]:
-            nbytes = torch.Size(shape).numel() * dtype.itemsize
-            if entries and size + nbytes > self.max_shard_bytes:
-                break
-            entries.append((name, shape, dtype))
-            size += nbytes
-        return entries
-
     def _flush(self) -> None:
         if not self._pending:
             return
-        with self._open_shard([(n, tuple(t.shape), t.dtype) for n, t in self._pending.items()]) as f:
+        temp_name = f"shard-{len(self._shards):05d}.tmp"
+        with open(self.directory / temp_name, "wb") as f:
+            f.write(_header([(n, tuple(t.shape), t.dtype) for n, t in self._pending.items()]))
             for tensor in self._pending.values():
                 if tensor.numel():
                     f.write(tensor_bytes(tensor))
+        self._shards.append((temp_name, sorted(self._pending)))
         self._pending, self._pending_bytes = {}, 0
-
-    def _open_shard(self, entries):
-        """A new temporary shard file with its header written; the tensors' bytes follow in order."""
-        temp_name = f"shard-{len(self._shards):05d}.tmp"
-        f = open(self.directory / temp_name, "wb")
-        f.write(_header(entries))
-        self._shards.append((temp_name, sorted(n for n, _, _ in entries)))
-        return f
 
     def close(self) -> list[str]:
         """Flush, name the shards and write the index (only when there is more than one shard)."""
-        if self._plan is not None and self._next != len(self._plan):
-            missing = [n for n, _, _ in self._plan[self._next:]]
-            raise ValueError(f"{len(missing)} planned tensors never arrived: {', '.join(missing[:10])}")
         self._flush()
-        if len(self._shards) == 1:
-            os.replace(self.directory / self._shards[0][0], self.directory / SINGLE_NAME)
-            return [SINGLE_NAME]
-        total = len(self._shards)
-        weight_map, files = {}, []
-        for i, (temp_name, names) in enumerate(self._shards, start=1):
-            final = f"model-{i:05d}-of-{total:05d}.safetensors"
+        names = shard_names(len(self._shards))
+        for (temp_name, _), final in zip(self._shards, names):
             os.replace(self.directory / temp_name, self.directory / final)
-            files.append(final)
-            weight_map.update({n: final for n in names})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2))
-        return files
+        write_index(self.directory, [(final, tensors) for final, (_, tensors) in zip(names, self._shards)],
+                    self.total_bytes)
+        return names
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """Where a planned tensor's bytes go: file (index into the plan's files), byte offset, geometry."""
+
+    file: int
+    offset: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return torch.Size(self.shape).numel() * self.dtype.itemsize
+
+    @property
+    def matrix(self) -> tuple[int, int]:
+        """(rows, columns) of the tensor seen as dim 0 x the rest (``mapping.as_matrix``)."""
+        rows = self.shape[0] if self.shape else 1
+        return rows, torch.Size(self.shape).numel() // rows if rows else 0
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Every shard file of an HF checkpoint, fixed before any byte is written.
+
+    Knowing names, shapes and dtypes up front fixes the files, their headers and each tensor's
+    offset, so any number of ranks can write their parts of any tensor at the same time.
+    """
+
+    files: list[tuple[str, bytes, list[str]]]  # file name, header bytes, tensor names in order
+    slots: dict[str, TensorSlot]
+    total_bytes: int
+
+    @classmethod
+    def build(cls, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int,
+              dtype: Optional[torch.dtype] = None) -> "ShardPlan":
+        """``dtype`` replaces the dtype of floating-point entries (the output dtype)."""
+        entries = [(n, tuple(s), dtype if dtype is not None and d.is_floating_point else d) for n, s, d in entries]
+        if len({n for n, _, _ in entries}) != len(entries):
+            raise ValueError("the plan names a tensor twice")
+        groups = shard_groups(entries, max_shard_bytes)
+        files, slots, total = [], {}, 0
+        for i, (name, group) in enumerate(zip(shard_names(len(groups)), groups)):
+            header = _header(group)
+            offset = len(header)
+            for tensor, shape, tensor_dtype in group:
+                slots[tensor] = TensorSlot(i, offset, shape, tensor_dtype)
+                offset += slots[tensor].nbytes
+            files.append((name, header, [n for n, _, _ in group]))
+            total += offset - len(header)
+        return cls(files, slots, total)
+
+    def create_files(self, directory: Path) -> None:
+        """Write every header and size every file (one rank, before anyone writes into them)."""
+        for name, header, tensors in self.files:
+            end = len(header) + sum(self.slots[t].nbytes for t in tensors)
+            with open(Path(directory) / name, "wb") as f:
+                f.write(header)
+                f.truncate(end)
+
+    def write_index(self, directory: Path) -> list[str]:
+        write_index(directory, [(name, tensors) for name, _, tensors in self.files], self.total_bytes)
+        return [name for name, _, _ in self.files]
+
+
+class SlotWriter:
+    """Writes blocks of planned tensors straight into their bytes in the shard files (``pwrite``).
+
+    Any rank can use one on files that ``ShardPlan.create_files`` made; a block of full rows is one
+    write, a block of some columns one write per row.
+    """
+
+    def __init__(self, directory: Path, plan: ShardPlan):
+        self.directory, self.plan = Path(directory), plan
+        self._fds: dict[int, int] = {}
+        self.bytes_written = 0
+
+    def write(self, name: str, row: int, col: int, block: torch.Tensor) -> None:
+        slot = self.plan.slots[name]
+        rows, cols = slot.matrix
+        if block.dim() != 2 or row < 0 or col < 0 or row + block.shape[0] > rows or col + block.shape[1] > cols:
+            raise ValueError(f"{name}: a block of shape {tuple(block.shape)} at ({row}, {col}) does not fit "
+                             f"the tensor's {rows} x {cols}")
+        block = block.detach().to("cpu", slot.dtype)
+        if block.stride(-1) != 1:
+            block = block.contiguous()
+        fd = self._fd(slot.file)
+        item = slot.dtype.itemsize
+        start = slot.offset + (row * cols + col) * item
+        if block.shape[1] == cols and block.is_contiguous():
+            self._pwrite(fd, tensor_bytes(block), start)
+        else:
+            data = block.view(torch.uint8).numpy()  # one row of bytes per tensor row; no copy
+            for i in range(block.shape[0]):
+                self._pwrite(fd, memoryview(data[i]), start + i * cols * item)
+
+    def _pwrite(self, fd: int, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(view):  # one write moves at most ~2 GiB on Linux
+            done += os.pwrite(fd, view[done:], offset + done)
+        self.bytes_written += done
+
+    def _fd(self, file: int) -> int:
+        if file not in self._fds:
+            self._fds[file] = os.open(self.directory / self.plan.files[file][0], os.O_WRONLY)
+        return self._fds[file]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def write_hf_tensors(tensors: Iterable[tuple[str, torch.Tensor]], directory: Path, *, max_shard_size: str | int = "5GB",

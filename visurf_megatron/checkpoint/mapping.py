@@ -5,6 +5,8 @@ Each entry names a megatron parameter (``*`` = layer index), the HF tensors it i
 
 * ``to_megatron(hf_tensors, tp_rank, tp_size, ctx) -> this rank's shard``
 * ``to_hf(shards of all TP ranks, ctx) -> hf_tensors``
+* ``hf_pieces(this rank's shard, tp_rank, tp_size, ctx) -> [Piece]``: where each part of the shard
+  lies in the HF tensors, so every rank can write its own part of a checkpoint in place
 
 Converters, rollout weight sync and the tests all use this table; nothing else encodes the mapping.
 HF names are kept in the Hub naming (``model.layers.*``, ``visual.*``, ``lm_head``); ``hub_name``
@@ -81,11 +83,14 @@ def _read_range(source, dim: int, start: int, stop: int, out: Optional[Tensor] =
     """Rows (dim 0) or columns (dim 1) [start, stop) of a tensor or a lazy safetensors slice.
 
     With ``out`` the result is written there (cast if needed) and ``out`` returned; a lazy slice
-    reads rows of the same dtype straight into it, so the shard never exists twice in memory.
+    reads rows or columns of the same dtype straight into it, so the shard never exists twice in
+    memory and a column range is read without the other columns.
     """
-    if out is not None and dim == 0 and hasattr(source, "read_rows_into") and source.dtype == out.dtype \
-            and out.is_contiguous():
-        return source.read_rows_into(out, start, stop)
+    if out is not None and hasattr(source, "read_rows_into") and source.dtype == out.dtype and out.is_contiguous():
+        if dim == 0:
+            return source.read_rows_into(out, start, stop)
+        if len(_shape(source)) == 2:
+            return source.read_columns_into(out, start, stop)
     index = (slice(start, stop),) if dim == 0 else (slice(None), slice(start, stop))
     part = source[index]
     return part if out is None else out.copy_(part)
@@ -97,6 +102,27 @@ def _range_shape(source, dim: int, start: int, stop: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
+@dataclass(frozen=True)
+class Piece:
+    """What one TP rank holds of HF tensor ``index`` (of the entry's ``hf``), for writing in place.
+
+    The HF tensor is seen as a matrix (dim 0 x the product of the others): ``block`` (2-D, rows
+    contiguous in memory) is its rows ``[row, row + len)`` and columns ``[col, col + width)``. The
+    pieces of all TP ranks together cover every element of the entry's HF tensors exactly once,
+    and assemble to what ``to_hf`` returns (tested for every transform).
+    """
+
+    index: int
+    row: int
+    col: int
+    block: Tensor
+
+
+def as_matrix(tensor: Tensor) -> Tensor:
+    """A view as (dim 0) x (the rest); a scalar is 1 x 1, a vector a column."""
+    return tensor.reshape(tensor.shape[0] if tensor.dim() else 1, -1)
+
+
 class Replicated:
     """Same full tensor on every TP rank (norms, row-parallel biases, conv patch embedding)."""
 
@@ -105,6 +131,9 @@ class Replicated:
 
     def to_hf(self, shards: Sequence[Tensor], ctx: MappingContext) -> list[Tensor]:
         return [shards[0]]
+
+    def hf_pieces(self, shard, tp_rank, tp_size, ctx) -> list[Piece]:
+        return [Piece(0, 0, 0, as_matrix(shard))] if tp_rank == 0 else []
 
     def read_shard(self, sources, tp_rank, tp_size, ctx, out=None):
         shape = _shape(sources[0])
@@ -127,6 +156,12 @@ class Split:
     def to_hf(self, shards, ctx):
         return [torch.cat(list(shards), dim=self.dim)]
 
+    def hf_pieces(self, shard, tp_rank, tp_size, ctx):
+        block = as_matrix(shard)
+        if self.dim == 0:
+            return [Piece(0, tp_rank * block.shape[0], 0, block)]
+        return [Piece(0, 0, tp_rank * block.shape[1], block)]
+
     def read_shard(self, sources, tp_rank, tp_size, ctx, out=None):
         start, stop = _chunk_range(_shape(sources[0])[self.dim], tp_rank, tp_size)
         _check_out(out, _range_shape(sources[0], self.dim, start, stop))
@@ -147,6 +182,11 @@ class VocabSplit:
 
     def to_hf(self, shards, ctx):
         return [torch.cat(list(shards), dim=0)[: ctx.vocab_size]]
+
+    def hf_pieces(self, shard, tp_rank, tp_size, ctx):
+        start = tp_rank * shard.shape[0]
+        real = max(0, min(shard.shape[0], ctx.vocab_size - start))  # padding rows are not exported
+        return [Piece(0, start, 0, as_matrix(shard[:real]))] if real else []
 
     def read_shard(self, sources, tp_rank, tp_size, ctx, out=None):
         shape = _shape(sources[0])
@@ -215,6 +255,20 @@ class GroupedQKV:
         q, k, v = split_qkv(torch.cat(list(shards), dim=0), groups, heads, head_dim)
         return [torch.cat([q, k, v], dim=0)] if self.tower == "vision" else [q, k, v]
 
+    def hf_pieces(self, shard, tp_rank, tp_size, ctx):
+        heads, groups, head_dim = self._geometry(ctx)
+        q_rows, local = heads // groups * head_dim, groups // tp_size
+        per_group = as_matrix(shard).reshape(local, q_rows + 2 * head_dim, -1)
+        # Language: separate q, k, v tensors; vision: one fused [q; k; v] tensor (row offsets).
+        index, base = ((0, 0, 0), (0, heads * head_dim, (heads + groups) * head_dim)) if self.tower == "vision" \
+            else ((0, 1, 2), (0, 0, 0))
+        pieces = []
+        for g, block in enumerate(per_group, start=tp_rank * local):
+            parts = (block[:q_rows], block[q_rows:q_rows + head_dim], block[q_rows + head_dim:])
+            starts = (g * q_rows, g * head_dim, g * head_dim)
+            pieces.extend(Piece(i, b + r, 0, p) for i, b, r, p in zip(index, base, starts, parts))
+        return pieces
+
 
 class GatedMLP:
     """linear_fc1 = [gate_i; up_i] on TP rank i (each half split separately, not a chunk of [G; U])."""
@@ -226,6 +280,11 @@ class GatedMLP:
     def to_hf(self, shards, ctx):
         halves = [torch.chunk(s, 2, dim=0) for s in shards]
         return [torch.cat([h[0] for h in halves], dim=0), torch.cat([h[1] for h in halves], dim=0)]
+
+    def hf_pieces(self, shard, tp_rank, tp_size, ctx):
+        block = as_matrix(shard)
+        half = block.shape[0] // 2
+        return [Piece(0, tp_rank * half, 0, block[:half]), Piece(1, tp_rank * half, 0, block[half:])]
 
     def read_shard(self, sources, tp_rank, tp_size, ctx, out=None):
         ranges = [_chunk_range(_shape(src)[0], tp_rank, tp_size) for src in sources]

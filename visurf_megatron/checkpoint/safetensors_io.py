@@ -89,6 +89,35 @@ class SafetensorsFile:
                 raise CheckpointError(f"{self.path} ended early at byte {offset + done}")
             done += got
 
+    def read_strided_into(self, out: torch.Tensor, offset: int, stride: int) -> None:
+        """Fill ``out`` (contiguous, 2-D) row by row with ``out``'s row width of bytes every ``stride``
+        bytes from ``offset``: a column range of a row-major tensor, read without the other columns.
+
+        One ``preadv`` takes up to ~500 rows; the bytes between wanted rows land in a scratch buffer
+        reused for every gap (cheaper than a read per row of a narrow tensor).
+        """
+        rows = out.shape[0] if out.dim() else 1
+        view = tensor_bytes(out)
+        width = len(view) // rows if rows else 0
+        gap = stride - width
+        if gap < 0:
+            raise ValueError(f"rows of {width} bytes do not fit a stride of {stride}")
+        if gap == 0:
+            return self.read_into(out, offset)
+        scratch = memoryview(bytearray(gap))
+        per_call = max(1, (os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024) // 2)
+        for first in range(0, rows, per_call):
+            last = min(rows, first + per_call)
+            buffers = []
+            for row in range(first, last):
+                buffers.append(view[row * width:(row + 1) * width])
+                if row + 1 < last:
+                    buffers.append(scratch)
+            want = sum(len(b) for b in buffers)
+            got = os.preadv(self._fd, buffers, offset + first * stride)
+            if got != want:  # regular files return short reads only at their end
+                raise CheckpointError(f"{self.path} ended early near byte {offset + first * stride + got}")
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -114,6 +143,17 @@ class LazySlice:
             raise ValueError(f"{self.key}: cannot read rows {start}:{stop} of {self.dtype} {self.shape} into "
                              f"{out.dtype} {tuple(out.shape)}")
         self._file.read_into(out, self._begin + start * row_bytes)
+        return out
+
+    def read_columns_into(self, out: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Read columns [start, stop) of a 2-D tensor straight into ``out`` (contiguous, same dtype)."""
+        if (len(self.shape) != 2 or out.dtype != self.dtype or not out.is_contiguous() or out.device.type != "cpu"
+                or tuple(out.shape) != (self.shape[0], stop - start) or not 0 <= start <= stop <= self.shape[1]):
+            raise ValueError(f"{self.key}: cannot read columns {start}:{stop} of {self.dtype} {self.shape} into "
+                             f"{out.dtype} {tuple(out.shape)}")
+        item = self.dtype.itemsize
+        if out.numel():
+            self._file.read_strided_into(out, self._begin + start * item, self.shape[1] * item)
         return out
 
     def read(self) -> torch.Tensor:

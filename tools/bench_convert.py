@@ -6,7 +6,8 @@ groups, vocab 152064, the full 32-block vision tower) but only a few language la
 HF -> Megatron (TP2 by default) and back, and prints, measured in this one run:
 
 * conversion wall time as a ratio to the raw floor: reading + writing the same bytes with
-  safetensors (HF -> copy -> copy), i.e. what any converter must at least spend on I/O;
+  safetensors (HF -> copy -> copy), i.e. what any converter must at least spend on I/O. Floor and
+  conversion steps alternate, each after a ``sync``; the median over ``--repeats`` is the result;
 * the peak RSS of every rank, next to the size of the largest tensor.
 
     python tools/bench_convert.py --layers 2 --tp 2 --workdir /tmp/bench_convert
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import statistics
 import shutil
 import sys
 import time
@@ -100,17 +103,32 @@ def write_synthetic(directory: Path, cfg: dict, dtype: torch.dtype, shard_bytes:
     return writer.total_bytes
 
 
-def raw_floor(src: Path, scratch: Path) -> float:
-    """Read every shard and write it again, twice (the converter round trip moves the bytes twice)."""
+SETTLE_S = 5.0
+
+
+def timed(step) -> tuple[float, object]:
+    """Seconds ``step()`` takes, started from the same memory and write-back state as every other step.
+
+    ``sync`` first: otherwise a step pays for the write-back of the one before it (the kernel
+    throttles writers once ~20 % of memory is dirty). Then a pause: on a VM that reports free pages
+    to its host (Linux free page reporting, after ~2 s), memory freed just before (the previous
+    step's deleted output) is cheap to reuse at once and costs a host fault per page later. The
+    floor started within milliseconds of a delete, a conversion only after its ranks' start-up,
+    so without the pause the floor alone wrote into warm memory (measured here: 2 GiB of page
+    cache in 0.4 s warm, 3-5 s cold).
+    """
+    os.sync()
+    time.sleep(SETTLE_S)
     start = time.perf_counter()
-    current = src
-    for step in range(2):
-        dst = scratch / f"copy{step}"
-        dst.mkdir(parents=True)
-        for shard in sorted(current.glob("*.safetensors")):
-            save_file(load_file(shard), str(dst / shard.name))
-        current = dst
-    return time.perf_counter() - start
+    result = step()
+    return time.perf_counter() - start, result
+
+
+def copy_with_safetensors(src: Path, dst: Path) -> None:
+    """The raw floor of one direction: read every shard and write it again with safetensors."""
+    dst.mkdir(parents=True)
+    for shard in sorted(src.glob("*.safetensors")):
+        save_file(load_file(shard), str(dst / shard.name))
 
 
 def peak_rss_gib() -> float:
@@ -144,6 +162,8 @@ def main(argv=None) -> int:
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="checkpoint dtype (default bf16)")
     parser.add_argument("--workdir", default="/tmp/visurf_bench_convert", help="scratch directory (removed first)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="measure floor and conversions this many times; the median ratio is the result (default 3)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = parser.parse_args(argv)
     work = Path(args.workdir)
@@ -153,24 +173,42 @@ def main(argv=None) -> int:
     largest = max(torch.Size(s).numel() for s in hf_shapes(cfg).values()) * torch.tensor([], dtype=dtype).element_size()
     total = write_synthetic(work / "hf", cfg, dtype)
     print(f"synthetic 7B-width checkpoint: {total / GIB:.2f} GiB, largest tensor {largest / GIB:.2f} GiB")
-    floor = raw_floor(work / "hf", work / "floor")
-    shutil.rmtree(work / "floor")
     world = args.tp * args.pp
-    t0 = time.perf_counter()
-    to_meg = run_world(_rank, world, "hf_to_megatron", dict(hf_dir=str(work / "hf"), out_dir=str(work / "meg"),
-                       tp=args.tp, pp=args.pp, progress=False), timeout_s=3600)
-    t1 = time.perf_counter()
-    to_hf = run_world(_rank, world, "megatron_to_hf", dict(megatron_dir=str(work / "meg"), out_dir=str(work / "back"),
-                      tp=args.tp, pp=args.pp, max_shard_size="2GB", progress=False), timeout_s=3600)
-    t2 = time.perf_counter()
-    convert_s = (t1 - t0) + (t2 - t1)
-    inner_s = max(r["seconds"] for r in to_meg) + max(r["seconds"] for r in to_hf)
-    print(f"raw safetensors floor (read+write x2): {floor:.1f}s")
-    print(f"HF->Megatron TP{args.tp}PP{args.pp}: {t1 - t0:.1f}s   Megatron->HF: {t2 - t1:.1f}s   (incl. process start)")
-    print(f"ratio to floor: {convert_s / floor:.2f} (goal <= 1.5); without process start-up: {inner_s / floor:.2f}")
-    for direction, results in (("hf_to_megatron", to_meg), ("megatron_to_hf", to_hf)):
-        rss = ", ".join(f"rank{r}: {res['max_rss_gib']:.2f}" for r, res in enumerate(results))
-        print(f"peak RSS GiB {direction}: {rss}   (goal <= 2 + largest tensor = {2 + largest / GIB:.2f})")
+    layout = dict(tp=args.tp, pp=args.pp, progress=False)
+    ratios = []
+    for repeat in range(args.repeats):
+        # Each floor step runs with the same files in the page cache as the conversion it is the
+        # floor of (the HF input; for the way back also the megatron checkpoint), from a clean
+        # write-back state; outputs are deleted as soon as they are measured.
+        floor_in, _ = timed(lambda: copy_with_safetensors(work / "hf", work / "floor"))
+        shutil.rmtree(work / "floor")
+        to_meg_s, to_meg = timed(lambda: run_world(_rank, world, "hf_to_megatron", dict(
+            hf_dir=str(work / "hf"), out_dir=str(work / "meg"), **layout), timeout_s=3600))
+        floor_out, _ = timed(lambda: copy_with_safetensors(work / "hf", work / "floor"))
+        shutil.rmtree(work / "floor")
+        to_hf_s, to_hf = timed(lambda: run_world(_rank, world, "megatron_to_hf", dict(
+            megatron_dir=str(work / "meg"), out_dir=str(work / "back"), max_shard_size="2GB", **layout),
+            timeout_s=3600))
+        if repeat + 1 < args.repeats or not args.keep:
+            shutil.rmtree(work / "meg")
+            shutil.rmtree(work / "back")
+        floor, convert_s = floor_in + floor_out, to_meg_s + to_hf_s
+        inner_s = max(r["seconds"] for r in to_meg) + max(r["seconds"] for r in to_hf)
+        ratios.append(convert_s / floor)
+        print(f"[{repeat + 1}/{args.repeats}] raw safetensors floor (read+write, each direction): "
+              f"{floor_in:.1f}s + {floor_out:.1f}s")
+        print(f"[{repeat + 1}/{args.repeats}] HF->Megatron TP{args.tp}PP{args.pp}: {to_meg_s:.1f}s "
+              f"({to_meg_s / floor_in:.2f}x)   Megatron->HF: {to_hf_s:.1f}s ({to_hf_s / floor_out:.2f}x)   "
+              f"(incl. process start)")
+        print(f"[{repeat + 1}/{args.repeats}] ratio to floor: {convert_s / floor:.2f}; without process start-up: "
+              f"{inner_s / floor:.2f} (inside the ranks: {max(r['seconds'] for r in to_meg):.1f}s + "
+              f"{max(r['seconds'] for r in to_hf):.1f}s)")
+        for direction, results in (("hf_to_megatron", to_meg), ("megatron_to_hf", to_hf)):
+            rss = ", ".join(f"rank{r}: {res['max_rss_gib']:.2f}" for r, res in enumerate(results))
+            print(f"[{repeat + 1}/{args.repeats}] peak RSS GiB {direction}: {rss}   "
+                  f"(goal <= 2 + largest tensor = {2 + largest / GIB:.2f})")
+    print(f"ratio to floor, median of {len(ratios)}: {statistics.median(ratios):.2f} (goal <= 1.5); "
+          f"all: {', '.join(f'{r:.2f}' for r in ratios)}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -8,7 +8,9 @@ other keys in the same directory; loaders here read the model only.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -167,8 +169,15 @@ def _in_process_save_strategy(sync_files: bool):
                 sharded_state_dict, self.keep_only_main_replica)
             writer = dcp.FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1,
                                           sync_files=sync_files)
-            dcp.save(mcore_to_pyt_state_dict(sharded_state_dict, False), storage_writer=writer,
-                     planner=MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False))
+            # Every tensor is one torch.save zip record; its CRC-32 costs ~0.16 s per GiB and no
+            # reader checks it (torch.load ignores it: a flipped data byte loads silently either way).
+            crc32 = torch.serialization.get_crc32_options()
+            torch.serialization.set_crc32_options(False)
+            try:
+                dcp.save(mcore_to_pyt_state_dict(sharded_state_dict, False), storage_writer=writer,
+                         planner=MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False))
+            finally:
+                torch.serialization.set_crc32_options(crc32)
 
     return InProcessTorchDistSave("torch_dist", 1)
 
@@ -201,12 +210,68 @@ def load_model(model_chunks, directory: Path) -> None:
             unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
 
 
+def _in_place_reader(base):
+    """``base`` (a DCP ``FileSystemReader``) reading plain tensors straight into their destination.
+
+    torch's reader ``torch.load``s every saved chunk into new memory and copies the requested part
+    into the parameter: every byte is allocated, faulted in and copied once more than needed. The
+    torch_dist format stores each chunk as one ``torch.save`` record; loading that record with
+    ``map_location="meta"`` reads only its pickle and gives the bytes' offset, so a request for
+    whole rows of a contiguous chunk, into a contiguous destination of the same dtype, is one
+    ``preadv`` into the parameter. Any other request (other layouts, transforms) goes to ``base``.
+    """
+    import dataclasses
+
+    from torch.distributed.checkpoint.planner import LoadItemType
+
+    from .safetensors_io import tensor_bytes
+
+    class InPlaceReader(base):
+        def read_data(self, plan, planner):
+            rest = []
+            with contextlib.ExitStack() as files:
+                opened: dict[str, Any] = {}
+                for req in plan.items:
+                    if not self._read_in_place(req, planner, opened, files):
+                        rest.append(req)
+            return super().read_data(dataclasses.replace(plan, items=rest), planner)
+
+        def _read_in_place(self, req, planner, opened, files) -> bool:
+            info = self.storage_data[req.storage_index]
+            if req.type != LoadItemType.TENSOR or info.transform_descriptors:
+                return False
+            if info.relative_path not in opened:
+                opened[info.relative_path] = files.enter_context(open(Path(self.path) / info.relative_path, "rb"))
+            stream = opened[info.relative_path]
+            saved = torch.load(self._slice_file(stream, info), map_location="meta", weights_only=True)
+            offset = getattr(saved.untyped_storage(), "_checkpoint_offset", None)
+            target = planner.resolve_tensor(req).detach()
+            lengths, starts = tuple(req.lengths), tuple(req.storage_offsets)
+            if (offset is None or not saved.is_contiguous() or saved.storage_offset() or not saved.dim()
+                    or lengths[1:] != tuple(saved.shape[1:]) or any(starts[1:]) or target.dtype != saved.dtype
+                    or target.device.type != "cpu" or not target.is_contiguous() or tuple(target.shape) != lengths):
+                return False
+            row_bytes = saved[0].numel() * saved.element_size()
+            view, start = tensor_bytes(target), info.offset + offset + starts[0] * row_bytes
+            done = 0
+            while done < len(view):
+                got = os.preadv(stream.fileno(), [view[done:]], start + done)
+                if got <= 0:
+                    raise RuntimeError(f"{info.relative_path} ended early at byte {start + done}")
+                done += got
+            planner.commit_tensor(req, target)
+            return True
+
+    return InPlaceReader
+
+
 class ParameterLoader:
     """Loads parameters of this rank's chunks from a dist checkpoint in place, a group at a time.
 
     For the way out to HF: ``fetch`` reads a parameter (and the ones scheduled right after it, up to
-    ``group_bytes``) straight into its own storage, ``release`` frees it once exported, so a rank
-    never holds more than a group plus what is in flight, instead of its whole shard plus
+    ``group_bytes``) straight into its storage, ``release`` frees it once exported, so a rank
+    never holds more than a group plus what is in flight (in one block of memory that the next
+    group reuses, see ``_place``), instead of its whole shard plus
     ``dist_checkpointing.load``'s merged copies. Reads use torch DCP without collectives (each rank
     reads what it needs, whatever layout saved the checkpoint), with megatron's key translation and
     planner, exactly as ``dist_checkpointing.load`` does.
@@ -220,10 +285,11 @@ class ParameterLoader:
 
         from visurf_megatron.checkpoint.mapping import unwrap
 
-        self._reader = CachedMetadataFileSystemReader(str(directory))  # .metadata read once
+        self._reader = _in_place_reader(CachedMetadataFileSystemReader)(str(directory))  # .metadata read once
         self._group_bytes = group_bytes
         state = model_sharded_state_dict(model_chunks)
         self._shards: dict[int, list] = {}  # id(param) -> its ShardedTensors (views of the parameter)
+        self._views: dict[int, list] = {}
         for chunk, sharded in zip(model_chunks, state.values()):
             for name, param in unwrap(chunk).named_parameters():
                 entry = sharded[name]
@@ -232,10 +298,18 @@ class ParameterLoader:
                 entries = entry if isinstance(entry, list) else [entry]
                 if not all(isinstance(e, ShardedTensor) for e in entries):
                     raise TypeError(f"{name}: unexpected sharded state entry {type(entry).__name__}")
+                if any(e.data.untyped_storage().data_ptr() != param.untyped_storage().data_ptr() for e in entries):
+                    raise RuntimeError(f"{name}: megatron's sharded tensor is not a view of its parameter; "
+                                       "cannot load in place")
                 self._shards[id(param)] = entries
+                # Each view's geometry relative to the parameter, to re-create it on the arena (_place).
+                self._views[id(param)] = [(e.data.shape, e.data.stride(), e.data.storage_offset() - param.storage_offset())
+                                          for e in entries]
         self._schedule = list(schedule)
         self._position = {id(p): i for i, p in enumerate(self._schedule)}
         self._loaded: set[int] = set()
+        self._live: set[int] = set()  # loaded, not yet released
+        self._arena: Optional[torch.Tensor] = None
 
     def check(self) -> None:
         """Fail early (before any collective streaming) if a scheduled tensor is missing or reshaped."""
@@ -273,6 +347,7 @@ class ParameterLoader:
 
         from torch.distributed.checkpoint.api import CheckpointException
 
+        self._place(params)
         sharded = {f"{i}.{j}": sh for i, p in enumerate(params) for j, sh in enumerate(self._shards[id(p)])}
         by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded)
         try:
@@ -285,14 +360,31 @@ class ParameterLoader:
             keys = sorted(by_key)
             raise RuntimeError(f"cannot read {keys[0]}{' and others' if len(keys) > 1 else ''}: "
                                f"{cause[0] if cause else type(exc).__name__}") from None
+        self._loaded.update(id(p) for p in params)
+        self._live.update(id(p) for p in params)
+
+    def _place(self, params) -> None:
+        """Point the group's parameters (and their sharded views) at one reused block of memory.
+
+        Fresh memory costs a page fault per 4 KiB on first touch (on a VM, often a host fault too):
+        about as long as reading the bytes. Once every earlier group is released, the next group
+        reuses the same block, so a rank touches new memory only for its largest group.
+        """
+        offsets, need = [], 0
         for param in params:
-            # The reads went into the ShardedTensors' data; they must be the parameter's own memory.
-            if any(sh.data.untyped_storage().data_ptr() != param.untyped_storage().data_ptr()
-                   for sh in self._shards[id(param)]):
-                raise RuntimeError("megatron's sharded tensor is not a view of its parameter; cannot load in place")
-            self._loaded.add(id(param))
+            offsets.append(need)
+            need += -(-param.numel() * param.element_size() // 64) * 64  # 64-byte aligned
+        if self._live or self._arena is None or self._arena.numel() < need:
+            # Live parameters keep the previous block alive through their own views.
+            self._arena = torch.empty(need, dtype=torch.uint8, device=params[0].device if params else "cpu")
+        for param, offset in zip(params, offsets):
+            nbytes = param.numel() * param.element_size()
+            param.data = self._arena[offset:offset + nbytes].view(param.dtype).view(param.shape)
+            for sh, (shape, stride, relative) in zip(self._shards[id(param)], self._views[id(param)]):
+                sh.data = torch.as_strided(param.data, shape, stride, param.data.storage_offset() + relative)
 
     def release(self, param: torch.Tensor) -> None:
         """Free a parameter's memory (the model is unusable afterwards: export only)."""
         self._shards.pop(id(param), None)
+        self._live.discard(id(param))
         param.data = torch.empty(0, dtype=param.dtype, device=param.device)

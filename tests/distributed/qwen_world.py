@@ -7,7 +7,7 @@ import torch
 def build_model(hf_dir, tp, pp, sp, seed=11):
     from megatron.core import parallel_state
 
-    from visurf_megatron.checkpoint.mapping import load_hf_state_dict_into
+    from visurf_megatron.checkpoint.hf_import import load_hf_state_dict_into
     from visurf_megatron.checkpoint.safetensors_io import open_hf_checkpoint
     from visurf_megatron.models.qwen2_5_vl.config import ParallelLayout, configs_from_hf
     from visurf_megatron.models.qwen2_5_vl.model import Qwen25VLModel
@@ -80,7 +80,8 @@ def parity_world(hf_dirs, batches, layouts):
     """For each checkpoint and layout: logits (forward only), grads (forward+backward), HF round trip."""
     from safetensors.torch import load_file
 
-    from visurf_megatron.checkpoint.mapping import gather_hf_state_dict, inmemory_name, load_hf_state_dict_into
+    from visurf_megatron.checkpoint.hf_import import load_hf_state_dict_into
+    from visurf_megatron.checkpoint.mapping import gather_hf_state_dict, inmemory_name
     from visurf_megatron.checkpoint.safetensors_io import open_hf_checkpoint
     from visurf_megatron.models.qwen2_5_vl.rope import mrope_position_ids
 
@@ -115,3 +116,29 @@ def parity_world(hf_dirs, batches, layouts):
                             "roundtrip_mismatch": mismatched, "roundtrip_extra": extra,
                             "has_vision": model.vision_model is not None})
     return results
+
+
+def streamed_save_world(hf_dir, out_dir, tp):
+    """Save a model filled lazily from HF (StreamedHFParams); report what was freed and reload it."""
+    from visurf_megatron.checkpoint.hf_import import StreamedHFParams, check_hf_tensors, load_hf_state_dict_into
+    from visurf_megatron.checkpoint.mapping import MappingContext, Replicated, resolve_params
+    from visurf_megatron.checkpoint.megatron_io import build_model as build_bare, load_model, save_model
+    from visurf_megatron.checkpoint.safetensors_io import open_hf_checkpoint
+    from visurf_megatron.models.qwen2_5_vl.config import load_hf_config
+    from visurf_megatron.runtime import setup_model_parallel
+
+    setup_model_parallel(tp=tp, pp=1)
+    config = load_hf_config(hf_dir).to_dict()
+    model, extras = build_bare(config, tp, 1, torch.float32)
+    with open_hf_checkpoint(hf_dir) as reader:
+        stream = StreamedHFParams(check_hf_tensors([model], reader), reader, MappingContext.from_extras(extras))
+        save_model([model], out_dir, sync_files=False, stream=stream)
+        # Kept: what this rank did not save (a TP-replicated tensor is saved by TP rank 0 only).
+        kept = [(r.global_name, isinstance(r.mapping.transform, Replicated))
+                for r, p in resolve_params([model]) if p.untyped_storage().size() != 0]
+        reference, _ = build_bare(config, tp, 1, torch.float32)
+        load_hf_state_dict_into([reference], reader)
+    reloaded, _ = build_bare(config, tp, 1, torch.float32)
+    load_model([reloaded], out_dir)
+    different = [n for (n, a), b in zip(reference.named_parameters(), reloaded.parameters()) if not torch.equal(a, b)]
+    return {"params": len(list(model.parameters())), "kept": kept, "different": different}

@@ -17,7 +17,7 @@ pytestmark = [
 
 def te_world(hf_dir, batch, scenarios):
     """For each (name, backend, fp8): BF16 model on the GPU, eval logits, then one forward+backward."""
-    from visurf_megatron.checkpoint.mapping import load_hf_state_dict_into
+    from visurf_megatron.checkpoint.hf_import import load_hf_state_dict_into
     from visurf_megatron.checkpoint.safetensors_io import open_hf_checkpoint
     from visurf_megatron.models.qwen2_5_vl.config import ParallelLayout, configs_from_hf
     from visurf_megatron.models.qwen2_5_vl.model import Qwen25VLModel

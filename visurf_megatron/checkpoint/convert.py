@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from . import export
 from .hf_writer import ShardPlan, SlotWriter, commit_output, parse_size, prepare_output
-from .mapping import hub_name, load_hf_state_dict_into
+from .hf_import import StreamedHFParams, check_hf_tensors
+from .mapping import MappingContext, hub_name
 from .megatron_io import (
     ASSETS_DIR, DTYPES, ParameterLoader, build_model, copy_hf_assets, read_meta, resolve_checkpoint_dir, save_model,
     write_meta,
@@ -166,21 +167,27 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int, pp: int,
 
     config, torch_dtype, model = _on_all_ranks(validate, "validation")
 
-    def load():
-        with open_hf_checkpoint(hf_dir) as reader:
-            return load_hf_state_dict_into([model], reader), [hub_name(k) for k in reader.keys()]
-
-    used, available = _on_all_ranks(load, "reading the HF checkpoint")
-    all_used = [None] * world
-    dist.all_gather_object(all_used, used)
-    unexpected = sorted(set(available) - set().union(*map(set, all_used)))
-    if unexpected:
-        raise ConversionError(f"{len(unexpected)} unexpected tensors in {hf_dir} (not part of the model): "
-                              + ", ".join(unexpected[:20]))
-    temp = _broadcast_path(_on_all_ranks(lambda: prepare_output(out_dir, overwrite) if rank == 0 else None,
-                                         "preparing the output"))
-    dist.barrier()
-    save_model([model], temp, sync_files=False)  # published by an atomic rename; a crash means a rerun
+    reader = _on_all_ranks(lambda: open_hf_checkpoint(hf_dir), "opening the HF checkpoint")
+    try:
+        # Everything is checked from the headers before anything is written; the tensors are then
+        # read parameter by parameter as the save asks for them (hf_import.StreamedHFParams).
+        reads = _on_all_ranks(lambda: check_hf_tensors([model], reader), "reading the HF checkpoint")
+        used = sorted({h for read in reads for h in read.resolved.hf_names})
+        all_used = [None] * world
+        dist.all_gather_object(all_used, used)
+        available = {hub_name(k) for k in reader.keys()}
+        unexpected = sorted(available - set().union(*map(set, all_used)))
+        if unexpected:
+            raise ConversionError(f"{len(unexpected)} unexpected tensors in {hf_dir} (not part of the model): "
+                                  + ", ".join(unexpected[:20]))
+        temp = _broadcast_path(_on_all_ranks(lambda: prepare_output(out_dir, overwrite) if rank == 0 else None,
+                                             "preparing the output"))
+        dist.barrier()
+        stream = StreamedHFParams(reads, reader, MappingContext.from_extras(model.extras))
+        # Published by an atomic rename, so no fsync: a crash means a rerun.
+        _on_all_ranks(lambda: save_model([model], temp, sync_files=False, stream=stream), "writing the checkpoint")
+    finally:
+        reader.close()
     if rank == 0:
         write_meta(temp, config, torch_dtype, tp, pp, source=str(hf_dir.resolve()))
         copy_hf_assets(hf_dir, temp / ASSETS_DIR)
@@ -189,7 +196,7 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int, pp: int,
     if rank == 0:
         commit_output(temp, out_dir)
     dist.barrier()
-    return {"out_dir": str(out_dir), "tensors": len(set(available)), "dtype": str(torch_dtype), "tp": tp, "pp": pp}
+    return {"out_dir": str(out_dir), "tensors": len(available), "dtype": str(torch_dtype), "tp": tp, "pp": pp}
 
 
 def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, hf_template: Optional[str | Path] = None,

@@ -217,9 +217,8 @@ class SlotWriter:
         if block.shape[1] == cols and block.is_contiguous():
             self._pwrite(fd, tensor_bytes(block), start)
         else:
-            data = block.view(torch.uint8).numpy()  # one row of bytes per tensor row; no copy
             for i in range(block.shape[0]):
-                self._pwrite(fd, memoryview(data[i]), start + i * cols * item)
+                self._pwrite(fd, tensor_bytes(block, row=i), start + i * cols * item)
 
     def _pwrite(self, fd: int, view: memoryview, offset: int) -> None:
         done = 0

@@ -451,61 +451,6 @@ def resolve_params(model_chunks) -> list[tuple[ResolvedParam, torch.nn.Parameter
     return out
 
 
-def _tp():
-    from megatron.core import parallel_state
-
-    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
-
-
-def load_hf_state_dict_into(model_chunks, hf_tensors) -> list[str]:
-    """Copy this rank's shards out of ``hf_tensors`` (a mapping, either HF naming) into the chunks.
-
-    ``hf_tensors`` needs ``keys()`` and ``__getitem__`` only, so a lazy safetensors reader works and
-    only the tensors this rank owns are read; a reader with ``get_slice`` (``HFCheckpointReader``)
-    lets split transforms read just this rank's rows or columns, straight into the parameters.
-    Returns the Hub names consumed.
-    Missing tensors and shape mismatches are errors naming every offending tensor.
-    """
-    by_hub = {hub_name(k): k for k in hf_tensors.keys()}
-    tp_rank, tp_size = _tp()
-    resolved = resolve_params(model_chunks)
-    missing = sorted({h for r, _ in resolved for h in r.hf_names if h not in by_hub})
-    if missing:
-        raise KeyError(f"{len(missing)} HF tensors missing from the checkpoint: {', '.join(missing[:20])}"
-                       + (" ..." if len(missing) > 20 else ""))
-    used, mismatched = [], []
-    with torch.no_grad():
-        for chunk in model_chunks:
-            ctx = MappingContext.from_extras(unwrap(chunk).extras)
-            break
-        sliced = hasattr(hf_tensors, "get_slice")
-        for r, param in resolved:
-            transform = r.mapping.transform
-            keys = [by_hub[h] for h in r.hf_names]
-            if sliced and hasattr(transform, "read_shard"):
-                # Read straight into the parameter where we can: no second copy of the shard.
-                target = param.detach() if param.device.type == "cpu" and param.is_contiguous() else None
-                try:
-                    shard = transform.read_shard([hf_tensors.get_slice(k) for k in keys], tp_rank, tp_size, ctx,
-                                                 out=target)
-                except ShardShapeError as exc:
-                    mismatched.append(f"{r.global_name}: expected {tuple(param.shape)}, HF gives {exc.shape}")
-                    continue
-                if target is not None:
-                    used.extend(r.hf_names)
-                    continue
-            else:
-                shard = transform.to_megatron([hf_tensors[k] for k in keys], tp_rank, tp_size, ctx)
-            if tuple(shard.shape) != tuple(param.shape):
-                mismatched.append(f"{r.global_name}: expected {tuple(param.shape)}, HF gives {tuple(shard.shape)}")
-                continue
-            param.copy_(shard.to(param.dtype))
-            used.extend(r.hf_names)
-    if mismatched:
-        raise ValueError("shape mismatch: " + "; ".join(mismatched))
-    return sorted(set(used))
-
-
 def _tp_shards(param: torch.Tensor, transform) -> list[torch.Tensor]:
     import torch.distributed as dist
     from megatron.core import parallel_state

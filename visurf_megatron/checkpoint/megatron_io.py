@@ -147,7 +147,7 @@ def model_sharded_state_dict(model_chunks) -> dict:
     return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
 
 
-def _in_process_save_strategy(sync_files: bool):
+def _in_process_save_strategy(sync_files: bool, stream=None):
     """megatron's ``torch_dist`` format, written by this process with torch's own DCP writer.
 
     megatron-core 0.16.1's writer (``FileSystemWriterAsync``) first clones every tensor that is a
@@ -156,12 +156,29 @@ def _in_process_save_strategy(sync_files: bool):
     ``FileSystemWriter`` with one thread writes the same files from this process, one tensor at a
     time (a view is cloned only while it is written). Planner, metadata and key translation are
     megatron's, so ``dist_checkpointing.load`` reads the result under any TP/PP as before.
+
+    ``stream`` (e.g. ``hf_import.StreamedHFParams``) is told which tensors the save will write and
+    sees each one just before it is written, so it can fill parameters lazily and free them after.
     """
     import torch.distributed.checkpoint as dcp
     from megatron.core.dist_checkpointing.strategies.torch import (
         MCoreSavePlanner, TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys,
         mcore_to_pyt_state_dict,
     )
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    class StreamingSavePlanner(MCoreSavePlanner):
+        def finish_plan(self, new_plan):
+            plan = super().finish_plan(new_plan)
+            stream.expect(self.lookup_object(item.index) for item in plan.items
+                          if item.type != WriteItemType.BYTE_IO)
+            return plan
+
+        def resolve_data(self, write_item):
+            data = super().resolve_data(write_item)
+            if isinstance(data, torch.Tensor):
+                stream.before_write(data)
+            return data
 
     class InProcessTorchDistSave(TorchDistSaveShardedStrategy):
         def save(self, sharded_state_dict, checkpoint_dir):
@@ -169,31 +186,36 @@ def _in_process_save_strategy(sync_files: bool):
                 sharded_state_dict, self.keep_only_main_replica)
             writer = dcp.FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1,
                                           sync_files=sync_files)
+            planner = (StreamingSavePlanner if stream is not None else MCoreSavePlanner)(
+                dedup_replicated_tensors=False, flatten_state_dict=False)
             # Every tensor is one torch.save zip record; its CRC-32 costs ~0.16 s per GiB and no
             # reader checks it (torch.load ignores it: a flipped data byte loads silently either way).
             crc32 = torch.serialization.get_crc32_options()
             torch.serialization.set_crc32_options(False)
             try:
-                dcp.save(mcore_to_pyt_state_dict(sharded_state_dict, False), storage_writer=writer,
-                         planner=MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False))
+                dcp.save(mcore_to_pyt_state_dict(sharded_state_dict, False), storage_writer=writer, planner=planner)
             finally:
                 torch.serialization.set_crc32_options(crc32)
+            if stream is not None:
+                stream.close()
 
     return InProcessTorchDistSave("torch_dist", 1)
 
 
-def save_model(model_chunks, directory: Path, extra_state: Optional[dict] = None, *, sync_files: bool = True) -> None:
+def save_model(model_chunks, directory: Path, extra_state: Optional[dict] = None, *, sync_files: bool = True,
+               stream=None) -> None:
     """Collective: every rank calls it with its chunks; each shard is written once.
 
     ``sync_files=False`` skips the fsync of every file: the converters publish their output with
-    an atomic rename and can simply be run again after a crash.
+    an atomic rename and can simply be run again after a crash. ``stream``: see
+    ``_in_process_save_strategy``.
     """
     from megatron.core import dist_checkpointing
 
     state = model_sharded_state_dict(model_chunks)
     if extra_state:
         state.update(extra_state)
-    dist_checkpointing.save(state, str(directory), sharded_strategy=_in_process_save_strategy(sync_files))
+    dist_checkpointing.save(state, str(directory), sharded_strategy=_in_process_save_strategy(sync_files, stream))
 
 
 def load_model(model_chunks, directory: Path) -> None:

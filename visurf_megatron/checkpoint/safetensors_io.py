@@ -7,6 +7,7 @@ unmapped, which doubled the converters' peak (model + every page read so far).
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import sys
@@ -30,9 +31,27 @@ class CheckpointError(RuntimeError):
     """The checkpoint directory is missing files or holds unreadable ones."""
 
 
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor (no copy)."""
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+def tensor_bytes(tensor: torch.Tensor, row: Optional[int] = None) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor, or of one row of a 2-D tensor with contiguous
+    rows (no copy). The tensor must outlive the view.
+
+    Built on the raw address rather than ``.numpy()``: numpy marks the storage as not resizable
+    for good, and the converters free parameters by resizing their storage to nothing.
+    """
+    if row is None:
+        if not tensor.is_contiguous():
+            raise ValueError("tensor_bytes needs a contiguous tensor")
+        address, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    else:
+        if tensor.dim() != 2 or tensor.stride(1) != 1:
+            raise ValueError("tensor_bytes(row=...) needs a 2-D tensor with contiguous rows")
+        address = tensor.data_ptr() + row * tensor.stride(0) * tensor.element_size()
+        nbytes = tensor.shape[1] * tensor.element_size()
+    if tensor.device.type != "cpu":
+        raise ValueError("tensor_bytes needs a CPU tensor")
+    if nbytes == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
 
 
 class SafetensorsFile:

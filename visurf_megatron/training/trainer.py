@@ -21,7 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from visurf_megatron.algorithm.paradigms import RowBatch, filter_groups, paradigm_from_config
-from visurf_megatron.checkpoint.mapping import load_hf_state_dict_into
+from visurf_megatron.checkpoint.hf_import import load_hf_state_dict_into
 from visurf_megatron.checkpoint.megatron_io import (
     DTYPES, build_model, load_model, resolve_checkpoint_dir, transformer_overrides,
 )

@@ -25,13 +25,20 @@ def _exported(model_chunks):
 
 
 def senders(model_chunks) -> list[torch.Tensor]:
-    """This rank's parameters that it writes, in writing order (a replicated one by TP rank 0 only)."""
+    """This rank's parameters that it writes, in writing order (a replicated one by TP rank 0 only).
+
+    Odd ranks go backwards: two processes writing into the same file take turns on its inode lock
+    (measured: 4 GiB by two writers into one file 6.4-7.0 s, into two files 2.9-3.6 s), and
+    tensor-parallel ranks write parts of the same tensors, so going in the same order they would
+    share a file from the first tensor to the last.
+    """
     from megatron.core import parallel_state
 
     if parallel_state.get_data_parallel_rank() != 0:
         return []
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    return [p for r, p in _exported(model_chunks) if tp_rank == 0 or not isinstance(r.mapping.transform, Replicated)]
+    mine = [p for r, p in _exported(model_chunks) if tp_rank == 0 or not isinstance(r.mapping.transform, Replicated)]
+    return mine[::-1] if dist.get_rank() % 2 else mine
 
 
 def hf_layout(model_chunks) -> list[tuple[str, tuple[int, ...], torch.dtype]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -246,7 +245,7 @@ def _in_place_reader(base):
 
     from torch.distributed.checkpoint.planner import LoadItemType
 
-    from .safetensors_io import tensor_bytes
+    from .safetensors_io import read_exactly
 
     class InPlaceReader(base):
         def read_data(self, plan, planner):
@@ -274,13 +273,7 @@ def _in_place_reader(base):
                     or target.device.type != "cpu" or not target.is_contiguous() or tuple(target.shape) != lengths):
                 return False
             row_bytes = saved[0].numel() * saved.element_size()
-            view, start = tensor_bytes(target), info.offset + offset + starts[0] * row_bytes
-            done = 0
-            while done < len(view):
-                got = os.preadv(stream.fileno(), [view[done:]], start + done)
-                if got <= 0:
-                    raise RuntimeError(f"{info.relative_path} ended early at byte {start + done}")
-                done += got
+            read_exactly(stream.fileno(), target, info.offset + offset + starts[0] * row_bytes, info.relative_path)
             planner.commit_tensor(req, target)
             return True
 

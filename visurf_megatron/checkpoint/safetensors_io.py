@@ -54,6 +54,17 @@ def tensor_bytes(tensor: torch.Tensor, row: Optional[int] = None) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
 
 
+def read_exactly(fd: int, out: torch.Tensor, offset: int, name) -> None:
+    """Fill the contiguous CPU tensor ``out`` with the bytes of file ``fd`` from ``offset``
+    (``name`` only for the error when the file ends first)."""
+    view, done = tensor_bytes(out), 0
+    while done < len(view):  # one read returns at most ~2 GiB on Linux
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise CheckpointError(f"{name} ended early at byte {offset + done}")
+        done += got
+
+
 class SafetensorsFile:
     """One ``.safetensors`` file: the header parsed up front, tensor bytes read on demand."""
 
@@ -101,12 +112,7 @@ class SafetensorsFile:
 
     def read_into(self, out: torch.Tensor, offset: int) -> None:
         """Fill the contiguous CPU tensor ``out`` with the file's bytes from ``offset``."""
-        view, done = tensor_bytes(out), 0
-        while done < len(view):  # one read returns at most ~2 GiB on Linux
-            got = os.preadv(self._fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise CheckpointError(f"{self.path} ended early at byte {offset + done}")
-            done += got
+        read_exactly(self._fd, out, offset, self.path)
 
     def read_strided_into(self, out: torch.Tensor, offset: int, stride: int) -> None:
         """Fill ``out`` (contiguous, 2-D) row by row with ``out``'s row width of bytes every ``stride``
@@ -186,6 +192,12 @@ class LazySlice:
             return self.read()[index].contiguous()
         start, stop, _ = first.indices(self.shape[0])
         stop = max(start, stop)
+        second = index[1] if len(index) == 2 else None
+        if (len(self.shape) == 2 and (start, stop) == (0, self.shape[0]) and isinstance(second, slice)
+                and second.step in (None, 1)):  # [:, a:b]: read only those columns
+            a, b, _ = second.indices(self.shape[1])
+            b = max(a, b)
+            return self.read_columns_into(torch.empty((self.shape[0], b - a), dtype=self.dtype), a, b)
         rows = self.read_rows_into(torch.empty((stop - start,) + self.shape[1:], dtype=self.dtype), start, stop)
         return rows if len(index) == 1 else rows[(slice(None),) + index[1:]].contiguous()
 

@@ -6,7 +6,8 @@ groups, vocab 152064, the full 32-block vision tower) but only a few language la
 HF -> Megatron (TP2 by default) and back, and prints, measured in this one run:
 
 * conversion wall time as a ratio to the raw floor: reading + writing the same bytes with
-  safetensors (HF -> copy -> copy), i.e. what any converter must at least spend on I/O. Floor and
+  safetensors (HF -> copy -> copy), i.e. what any converter must at least spend on I/O. Each
+  conversion runs in a fresh process, as the CLI does (interpreter and imports included). Floor and
   conversion steps alternate, each after a ``sync``; the median over ``--repeats`` is the result;
 * the peak RSS of every rank, next to the size of the largest tensor.
 
@@ -30,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from visurf_megatron.runtime.spawn import run_world  # noqa: E402
 
 GIB = 2**30
 
@@ -134,9 +134,8 @@ def copy_with_safetensors(src: Path, dst: Path) -> None:
 def peak_rss_gib() -> float:
     """This process's peak resident memory.
 
-    Linux's VmHWM, not ``ru_maxrss``: ranks are started by fork+exec from this benchmark, and
-    ``ru_maxrss`` keeps the high-water mark of the address space replaced by exec, i.e. of the
-    parent after it wrote and copied the synthetic checkpoint (~5 GiB), whatever the rank uses.
+    Linux's VmHWM, not ``ru_maxrss``: where ranks are spawned (fork+exec), ``ru_maxrss`` keeps the
+    high-water mark of the address space replaced by exec, i.e. of the process that started them.
     """
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -155,7 +154,29 @@ def _rank(fn_name: str, kwargs: dict) -> dict:
     return {"seconds": time.perf_counter() - start, "max_rss_gib": peak_rss_gib()}
 
 
+def convert_in_fresh_process(fn_name: str, world: int, kwargs: dict) -> list[dict]:
+    """One conversion as the CLI runs it: a new interpreter, which starts its local world of ranks
+    (``convert.local_world``); returns each rank's seconds and peak RSS."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, __file__, "--rank-driver", json.dumps([fn_name, world, kwargs])],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if done.returncode:
+        raise RuntimeError(f"{fn_name} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _rank_driver(spec: str) -> int:
+    from visurf_megatron.checkpoint.convert import local_world
+
+    fn_name, world, kwargs = json.loads(spec)
+    print(json.dumps(local_world(_rank, world, fn_name, kwargs, timeout_s=3600)))
+    return 0
+
+
 def main(argv=None) -> int:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--rank-driver":
+        return _rank_driver(sys.argv[2])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2, help="language layers (7B has 28; default 2)")
     parser.add_argument("--tp", type=int, default=2, help="tensor-parallel size of the megatron checkpoint (default 2)")
@@ -182,13 +203,12 @@ def main(argv=None) -> int:
         # write-back state; outputs are deleted as soon as they are measured.
         floor_in, _ = timed(lambda: copy_with_safetensors(work / "hf", work / "floor"))
         shutil.rmtree(work / "floor")
-        to_meg_s, to_meg = timed(lambda: run_world(_rank, world, "hf_to_megatron", dict(
-            hf_dir=str(work / "hf"), out_dir=str(work / "meg"), **layout), timeout_s=3600))
+        to_meg_s, to_meg = timed(lambda: convert_in_fresh_process("hf_to_megatron", world, dict(
+            hf_dir=str(work / "hf"), out_dir=str(work / "meg"), **layout)))
         floor_out, _ = timed(lambda: copy_with_safetensors(work / "hf", work / "floor"))
         shutil.rmtree(work / "floor")
-        to_hf_s, to_hf = timed(lambda: run_world(_rank, world, "megatron_to_hf", dict(
-            megatron_dir=str(work / "meg"), out_dir=str(work / "back"), max_shard_size="2GB", **layout),
-            timeout_s=3600))
+        to_hf_s, to_hf = timed(lambda: convert_in_fresh_process("megatron_to_hf", world, dict(
+            megatron_dir=str(work / "meg"), out_dir=str(work / "back"), max_shard_size="2GB", **layout)))
         if repeat + 1 < args.repeats or not args.keep:
             shutil.rmtree(work / "meg")
             shutil.rmtree(work / "back")
@@ -199,7 +219,7 @@ def main(argv=None) -> int:
               f"{floor_in:.1f}s + {floor_out:.1f}s")
         print(f"[{repeat + 1}/{args.repeats}] HF->Megatron TP{args.tp}PP{args.pp}: {to_meg_s:.1f}s "
               f"({to_meg_s / floor_in:.2f}x)   Megatron->HF: {to_hf_s:.1f}s ({to_hf_s / floor_out:.2f}x)   "
-              f"(incl. process start)")
+              f"(fresh process, as the CLI)")
         print(f"[{repeat + 1}/{args.repeats}] ratio to floor: {convert_s / floor:.2f}; without process start-up: "
               f"{inner_s / floor:.2f} (inside the ranks: {max(r['seconds'] for r in to_meg):.1f}s + "
               f"{max(r['seconds'] for r in to_hf):.1f}s)")

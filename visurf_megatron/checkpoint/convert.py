@@ -65,8 +65,7 @@ def _import_megatron_deferring_compile() -> None:
     megatron-core 0.16.1 decorates its fused kernels with ``torch.compile`` at import (``jit_fuser``),
     which imports dynamo and inductor: about 2 s per rank, every conversion. A converter never calls
     those kernels; if anything in this process does, the wrapper compiles it then, as usual.
-    Also imports the model and transformers' config class that ``build_model`` needs, with the cyclic
-    GC paused (see below).
+    Also imports the model that ``build_model`` needs, with the cyclic GC paused (see below).
     """
     import sys
 
@@ -89,8 +88,8 @@ def _import_megatron_deferring_compile() -> None:
         return run
 
     # Imports only create objects that live until exit, yet with the cyclic GC on they trigger
-    # hundreds of full collections over a growing heap (~0.35 s per rank for megatron, ~0.2 s for
-    # transformers' config module, more when both ranks share 2 cores). Pause it, then freeze what
+    # hundreds of full collections over a growing heap (~0.35 s per rank for megatron, more when
+    # both ranks share 2 cores). Pause it, then freeze what
     # was imported so later collections (and the ones at interpreter exit) skip it.
     gc_was_enabled = gc.isenabled()
     gc.disable()
@@ -101,7 +100,6 @@ def _import_megatron_deferring_compile() -> None:
         finally:
             torch.compile = real_compile
         importlib.import_module("visurf_megatron.models.qwen2_5_vl.model")  # build_model's
-        importlib.import_module("transformers").Qwen2_5_VLConfig  # noqa: B018 - load_hf_config's (~1 s)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -286,10 +284,25 @@ def _rank_entry(fn_name: str, kwargs: dict) -> dict:
     return {"hf_to_megatron": hf_to_megatron, "megatron_to_hf": megatron_to_hf}[fn_name](**kwargs)
 
 
+def local_world(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float, **kwargs: Any) -> list:
+    """``fn`` on a local gloo world of ``world_size`` ranks, forked from here where that is safe.
+
+    Forked ranks start with torch and megatron imported once, here, instead of each rank importing
+    them again (~2 s per conversion on 2 cores); elsewhere (CUDA, threads) ranks are spawned.
+    """
+    from visurf_megatron.runtime.spawn import fork_is_safe, run_world
+
+    start_method = "spawn"
+    if fork_is_safe():
+        _import_megatron_deferring_compile()
+        start_method = "fork"
+    return run_world(fn, world_size, *args, timeout_s=timeout_s, start_method=start_method, **kwargs)
+
+
 def launch(fn_name: str, world_size: int, kwargs: dict, timeout_s: float = 7 * 24 * 3600) -> dict:
     """Run a conversion on every rank: in-process under torchrun/srun, else in a local gloo world."""
     from visurf_megatron.runtime import init_distributed, teardown
-    from visurf_megatron.runtime.spawn import RankFailure, run_world
+    from visurf_megatron.runtime.spawn import RankFailure
 
     if any(k in os.environ for k in ("RANK", "SLURM_PROCID")):
         init_distributed()
@@ -298,7 +311,7 @@ def launch(fn_name: str, world_size: int, kwargs: dict, timeout_s: float = 7 * 2
         finally:
             teardown()
     try:
-        return run_world(_rank_entry, world_size, fn_name, kwargs, timeout_s=timeout_s)[0]
+        return local_world(_rank_entry, world_size, fn_name, kwargs, timeout_s=timeout_s)[0]
     except RankFailure as exc:
         # The last line of the failing rank's traceback is the message a user needs.
         last = [line for line in str(exc).strip().splitlines() if line.strip()][-1]

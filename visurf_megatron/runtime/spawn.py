@@ -13,6 +13,8 @@ import pickle
 import queue
 import signal
 import socket
+import sys
+import threading
 import time
 import traceback
 from typing import Any, Callable
@@ -30,6 +32,17 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def fork_is_safe() -> bool:
+    """Whether ranks may be forked from this process: Linux, a single thread (a lock held by
+    another thread would stay locked in the child forever) and no CUDA here (CUDA cannot be used
+    again in a forked child; on GPU machines ranks are spawned or come from torchrun/srun)."""
+    if sys.platform != "linux" or threading.active_count() > 1:
+        return False
+    import torch
+
+    return not torch.cuda.is_initialized() and not torch.cuda.is_available()
 
 
 def _die_with_parent() -> None:
@@ -99,14 +112,19 @@ def run_world(
     *args: Any,
     timeout_s: float = 300.0,
     env: dict[str, str] | None = None,
+    start_method: str = "spawn",
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; return the per-rank results.
 
-    ``fn`` must be importable by name (module-level) because ranks are started with ``spawn``.
-    The first failing rank's traceback is raised as ``RankFailure`` after all ranks are stopped.
+    With ``spawn`` (the default) ``fn`` must be importable by name (module-level) and every rank
+    imports what it needs itself; ``fork`` (see ``fork_is_safe``) starts ranks with this process's
+    modules already imported. The first failing rank's traceback is raised as ``RankFailure``
+    after all ranks are stopped.
     """
-    ctx = mp.get_context("spawn")
+    if start_method == "fork" and not fork_is_safe():
+        raise ValueError("fork is not safe in this process (CUDA, threads or no fork); use spawn")
+    ctx = mp.get_context(start_method)
     results = ctx.Queue()
     port = free_port()
     rank_env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}

@@ -1,20 +1,20 @@
 """HF Qwen2.5-VL config -> megatron-core TransformerConfigs for the language model and vision tower.
 
 Works for any Qwen2.5-VL config.json (3B tied, 7B/32B/72B untied), in the Hub's flat layout or the
-nested ``text_config`` layout newer transformers writes: both are normalised through transformers'
-own ``Qwen2_5_VLConfig``.
+nested ``text_config`` layout newer transformers writes: both are read by ``hf_fields`` with
+transformers' semantics, without importing transformers (~1 s per process).
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from .hf_fields import hf_config_dict, read_qwen_vl_fields
 
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -68,24 +68,14 @@ class Qwen25VLExtras:
 
 
 def load_hf_config(source: Any):
-    """A transformers ``Qwen2_5_VLConfig`` from a config object, a dict, a directory or a config.json."""
+    """A transformers ``Qwen2_5_VLConfig`` from a config object, a dict, a directory or a config.json
+    (for code that needs transformers' object; the model itself reads ``hf_fields``)."""
     from transformers import Qwen2_5_VLConfig
 
     if isinstance(source, Qwen2_5_VLConfig):
         return source
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        path = path / "config.json" if path.is_dir() else path
-        if not path.is_file():
-            raise FileNotFoundError(f"no Qwen2.5-VL config at {path}")
-        source = json.loads(path.read_text())
-    if isinstance(source, Mapping):
-        data = dict(source)
-        model_type = data.get("model_type", "qwen2_5_vl")
-        if model_type != "qwen2_5_vl":
-            raise ValueError(f"expected a qwen2_5_vl config, got model_type={model_type!r}")
-        return Qwen2_5_VLConfig(**{k: v for k, v in data.items() if k not in ("architectures", "transformers_version")})
-    raise TypeError(f"cannot read a Qwen2.5-VL config from {type(source).__name__}")
+    data = hf_config_dict(source)
+    return Qwen2_5_VLConfig(**{k: v for k, v in data.items() if k not in ("architectures", "transformers_version")})
 
 
 def pad_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
@@ -139,22 +129,20 @@ def configs_from_hf(
     fields (``specs.fp8_overrides``): those reach the vision tower only with ``fp8_vision=True``, and
     the BF16 first/last-layer counts, which count language layers, never do.
     """
-    hf = load_hf_config(hf_config)
-    text, vision = hf.text_config, hf.vision_config
+    hf = read_qwen_vl_fields(hf_config)
+    text, vision = hf.text, hf.vision
     if parallel is None:
         parallel = ParallelLayout()
     elif isinstance(parallel, Mapping):
         parallel = ParallelLayout(**parallel)
     heads = text.num_attention_heads
-    groups = text.num_key_value_heads or heads
+    groups = text.num_key_value_heads
     head_dim = text.hidden_size // heads
     validate_layout(heads, groups, vision.num_heads, text.num_hidden_layers, parallel)
-    rope = dict(text.rope_parameters or {})
-    mrope_section = tuple(rope.get("mrope_section") or (16, 24, 24))
+    mrope_section = text.mrope_section or (16, 24, 24)
     if sum(mrope_section) * 2 != head_dim:
         raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
-    vision_rope = dict(getattr(vision, "rope_parameters", None) or {})
-    tied = bool(hf.tie_word_embeddings or getattr(text, "tie_word_embeddings", False))
+    tied = hf.tie_word_embeddings
     # Megatron needs the same pipeline dtype on every rank; the vision tower lives on stage 0 only.
     common = dict(
         params_dtype=params_dtype,
@@ -206,7 +194,7 @@ def configs_from_hf(
         vocab_size=text.vocab_size,
         padded_vocab_size=pad_vocab_size(text.vocab_size, parallel.tp, vocab_divisible_by),
         tie_word_embeddings=tied,
-        rope_theta=float(rope.get("rope_theta", 1_000_000.0)),
+        rope_theta=text.rope_theta,
         mrope_section=mrope_section,
         max_position_embeddings=text.max_position_embeddings,
         image_token_id=hf.image_token_id,
@@ -217,11 +205,11 @@ def configs_from_hf(
         in_channels=vision.in_channels,
         spatial_merge_size=vision.spatial_merge_size,
         window_size=vision.window_size,
-        fullatt_block_indexes=tuple(vision.fullatt_block_indexes),
+        fullatt_block_indexes=vision.fullatt_block_indexes,
         vision_hidden_size=vision.hidden_size,
         out_hidden_size=vision.out_hidden_size,
-        vision_rope_theta=float(vision_rope.get("rope_theta", 10000.0)),
-        tokens_per_second=int(getattr(vision, "tokens_per_second", 2)),
+        vision_rope_theta=vision.rope_theta,
+        tokens_per_second=vision.tokens_per_second,
         num_attention_heads=heads,
         num_query_groups=groups,
         head_dim=head_dim,

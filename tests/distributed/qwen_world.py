@@ -78,8 +78,6 @@ def grad_summary(model):
 
 def parity_world(hf_dirs, batches, layouts):
     """For each checkpoint and layout: logits (forward only), grads (forward+backward), HF round trip."""
-    from safetensors.torch import load_file
-
     from visurf_megatron.checkpoint.hf_import import load_hf_state_dict_into
     from visurf_megatron.checkpoint.mapping import gather_hf_state_dict, inmemory_name
     from visurf_megatron.checkpoint.safetensors_io import open_hf_checkpoint
@@ -119,9 +117,11 @@ def parity_world(hf_dirs, batches, layouts):
 
 
 def streamed_save_world(hf_dir, out_dir, tp):
-    """Save a model filled lazily from HF (StreamedHFParams); report what was freed and reload it."""
+    """Save a model filled lazily from HF (StreamedHFParams) with a pool of one parameter's size;
+    report what was read, the memory the stream held at most, and compare the reloaded model."""
     from visurf_megatron.checkpoint.hf_import import StreamedHFParams, check_hf_tensors, load_hf_state_dict_into
-    from visurf_megatron.checkpoint.mapping import MappingContext, Replicated, resolve_params
+    from visurf_megatron.checkpoint.mapping import resolve_params
+    from visurf_megatron.checkpoint.transforms import MappingContext, Replicated
     from visurf_megatron.checkpoint.megatron_io import build_model as build_bare, load_model, save_model
     from visurf_megatron.checkpoint.safetensors_io import open_hf_checkpoint
     from visurf_megatron.models.qwen2_5_vl.config import load_hf_config
@@ -130,15 +130,19 @@ def streamed_save_world(hf_dir, out_dir, tp):
     setup_model_parallel(tp=tp, pp=1)
     config = load_hf_config(hf_dir).to_dict()
     model, extras = build_bare(config, tp, 1, torch.float32)
+    sizes = [p.numel() * p.element_size() for p in model.parameters()]
     with open_hf_checkpoint(hf_dir) as reader:
-        stream = StreamedHFParams(check_hf_tensors([model], reader), reader, MappingContext.from_extras(extras))
+        stream = StreamedHFParams(check_hf_tensors([model], reader), reader, MappingContext.from_extras(extras),
+                                  pool_bytes=max(sizes))
         save_model([model], out_dir, sync_files=False, stream=stream)
-        # Kept: what this rank did not save (a TP-replicated tensor is saved by TP rank 0 only).
-        kept = [(r.global_name, isinstance(r.mapping.transform, Replicated))
-                for r, p in resolve_params([model]) if p.untyped_storage().size() != 0]
+        # Not read: what this rank does not save (a TP-replicated tensor is saved by TP rank 0 only).
+        read = set(stream.read_names())
+        unread = [(r.global_name, isinstance(r.mapping.transform, Replicated))
+                  for r, _ in resolve_params([model]) if r.global_name not in read]
         reference, _ = build_bare(config, tp, 1, torch.float32)
         load_hf_state_dict_into([reference], reader)
     reloaded, _ = build_bare(config, tp, 1, torch.float32)
     load_model([reloaded], out_dir)
     different = [n for (n, a), b in zip(reference.named_parameters(), reloaded.parameters()) if not torch.equal(a, b)]
-    return {"params": len(list(model.parameters())), "kept": kept, "different": different}
+    return {"unread": unread, "different": different, "peak": stream.pool.peak, "largest": max(sizes),
+            "total": sum(sizes)}

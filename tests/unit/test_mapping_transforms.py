@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 
 from tests.qwen_fixtures import build_checkpoint
-from visurf_megatron.checkpoint.mapping import (
-    QWEN25_VL_MAPPING,
+from visurf_megatron.checkpoint.mapping import QWEN25_VL_MAPPING, hub_name, inmemory_name, lookup
+from visurf_megatron.checkpoint.transforms import (
     GatedMLP,
     GroupedQKV,
     MappingContext,
@@ -19,10 +19,7 @@ from visurf_megatron.checkpoint.mapping import (
     Split,
     VocabSplit,
     as_matrix,
-    hub_name,
-    inmemory_name,
     interleave_qkv,
-    lookup,
     split_qkv,
 )
 
@@ -197,6 +194,51 @@ def test_pieces_of_all_ranks_assemble_to_hf_covering_each_element_once(case, tp)
     for original, got, count in zip(hf, assembled, hits):
         assert torch.all(count == 1), f"{case} tp{tp}: elements written {count.unique().tolist()} times"
         assert torch.equal(got.reshape(original.shape), original)
+
+
+@pytest.mark.parametrize("case", sorted(_PIECE_CASES))
+@pytest.mark.parametrize("tp", [1, 2])
+def test_shape_arithmetic_agrees_with_the_data_path(case, tp):
+    """shard_shape / hf_shapes (what the converters check and plan with) match to_megatron / to_hf."""
+    transform, make = _PIECE_CASES[case]
+    hf = make()
+    shards = [transform.to_megatron(hf, r, tp, CTX) for r in range(tp)]
+    for rank, shard in enumerate(shards):
+        assert transform.shard_shape([tuple(t.shape) for t in hf], rank, tp, CTX) == tuple(shard.shape)
+        assert transform.hf_shapes(tuple(shard.shape), tp, CTX) == [tuple(t.shape) for t in hf]
+
+
+@pytest.mark.parametrize("case", sorted(c for c, (t, _) in _PIECE_CASES.items() if hasattr(t, "read_shard")))
+@pytest.mark.parametrize("tp", [1, 2])
+def test_lazy_read_shard_into_place_equals_to_megatron(case, tp, tmp_path):
+    """read_shard from a real safetensors file, straight into the destination, gives to_megatron's shard."""
+    from safetensors.torch import save_file
+
+    from visurf_megatron.checkpoint.safetensors_io import open_hf_checkpoint
+
+    transform, make = _PIECE_CASES[case]
+    hf = [t.to(torch.float32) for t in make()]
+    save_file({f"t{i}": t for i, t in enumerate(hf)}, str(tmp_path / "model.safetensors"))
+    with open_hf_checkpoint(tmp_path) as reader:
+        sources = [reader.get_slice(f"t{i}") for i in range(len(hf))]
+        for rank in range(tp):
+            want = transform.to_megatron(hf, rank, tp, CTX)
+            out = torch.full(want.shape, -1.0)
+            assert transform.read_shard(sources, rank, tp, CTX, out=out) is out
+            assert torch.equal(out, want), f"{case} tp{tp} rank {rank}"
+            assert torch.equal(transform.read_shard(sources, rank, tp, CTX), want)
+
+
+@pytest.mark.parametrize("transform, shapes, message", [
+    (GroupedQKV("language"), [(8, 3), (4, 3), (6, 3)], "QKV shapes"),
+    (GroupedQKV("vision"), [(13, 3)], "QKV shapes"),
+    (GatedMLP(), [(4, 3), (6, 3)], "gate .* and up .* differ"),
+    (VocabSplit(), [(6, 3)], "vocabulary tensor has 6 rows"),
+    (Split(0), [(5, 3)], "5 rows do not split evenly"),
+])
+def test_shape_arithmetic_names_what_does_not_fit(transform, shapes, message):
+    with pytest.raises(ValueError, match=message):
+        transform.shard_shape(shapes, 0, 2, CTX)
 
 
 # --------------------------------------------------------------------------------------------

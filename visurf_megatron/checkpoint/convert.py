@@ -22,7 +22,8 @@ import torch.distributed as dist
 from . import export
 from .hf_writer import ShardPlan, SlotWriter, commit_output, parse_size, prepare_output
 from .hf_import import StreamedHFParams, check_hf_tensors
-from .mapping import MappingContext, hub_name
+from .mapping import hub_name
+from .transforms import MappingContext
 from .megatron_io import (
     ASSETS_DIR, DTYPES, ParameterLoader, build_model, copy_hf_assets, read_meta, resolve_checkpoint_dir, save_model,
     write_meta,

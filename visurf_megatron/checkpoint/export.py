@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from .hf_writer import SlotWriter
-from .mapping import MappingContext, Replicated, lookup, resolve_params, unwrap
+from .mapping import lookup, resolve_params, unwrap
+from .transforms import MappingContext, Replicated
 
 
 def _exported(model_chunks):
@@ -44,8 +45,8 @@ def senders(model_chunks) -> list[torch.Tensor]:
 def hf_layout(model_chunks) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """Collective: (HF name, shape, dtype) of every tensor of the whole model, the same on every rank.
 
-    In pipeline-stage order, each stage's tensors in parameter order; shapes come from running the
-    transforms' ``to_hf`` on meta tensors of the shard shapes.
+    In pipeline-stage order, each stage's tensors in parameter order; shapes come from the
+    transforms' ``hf_shapes`` of the shard shapes.
     """
     from megatron.core import parallel_state
 
@@ -61,10 +62,8 @@ def hf_layout(model_chunks) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     for stage in range(parallel_state.get_pipeline_model_parallel_world_size()):
         for name, shape, dtype in by_position[(stage, 0, 0)]:
             entry = lookup(name, ctx.tie_word_embeddings)
-            transform = entry.mapping.transform
-            meta = [torch.empty(shape, dtype=getattr(torch, dtype), device="meta")] * (
-                1 if isinstance(transform, Replicated) else tp)
-            out.extend((h, tuple(t.shape), t.dtype) for h, t in zip(entry.hf_names, transform.to_hf(meta, ctx)))
+            shapes = entry.mapping.transform.hf_shapes(shape, tp, ctx)
+            out.extend((h, hf_shape, getattr(torch, dtype)) for h, hf_shape in zip(entry.hf_names, shapes))
     return out
 
 

@@ -141,7 +141,7 @@ class TensorSlot:
 
     @property
     def matrix(self) -> tuple[int, int]:
-        """(rows, columns) of the tensor seen as dim 0 x the rest (``mapping.as_matrix``)."""
+        """(rows, columns) of the tensor seen as dim 0 x the rest (``transforms.as_matrix``)."""
         rows = self.shape[0] if self.shape else 1
         return rows, torch.Size(self.shape).numel() // rows if rows else 0
 
@@ -216,9 +216,13 @@ class SlotWriter:
         start = slot.offset + (row * cols + col) * item
         if block.shape[1] == cols and block.is_contiguous():
             self._pwrite(fd, tensor_bytes(block), start)
-        else:
+        elif block.numel():
+            # One view over every row, sliced per row: a row-parallel tensor has thousands of rows.
+            width, pitch = block.shape[1] * item, block.stride(0) * item
+            span = block.as_strided(((block.shape[0] - 1) * block.stride(0) + block.shape[1],), (1,))
+            view = tensor_bytes(span)
             for i in range(block.shape[0]):
-                self._pwrite(fd, tensor_bytes(block, row=i), start + i * cols * item)
+                self._pwrite(fd, view[i * pitch:i * pitch + width], start + i * cols * item)
 
     def _pwrite(self, fd: int, view: memoryview, offset: int) -> None:
         done = 0

@@ -157,7 +157,8 @@ def _in_process_save_strategy(sync_files: bool, stream=None):
     megatron's, so ``dist_checkpointing.load`` reads the result under any TP/PP as before.
 
     ``stream`` (e.g. ``hf_import.StreamedHFParams``) is told which tensors the save will write and
-    sees each one just before it is written, so it can fill parameters lazily and free them after.
+    sees each one just before it is written, and gives the writer the tensor to write in its place
+    (filled lazily, in memory it recycles).
     """
     import torch.distributed.checkpoint as dcp
     from megatron.core.dist_checkpointing.strategies.torch import (
@@ -175,16 +176,16 @@ def _in_process_save_strategy(sync_files: bool, stream=None):
 
         def resolve_data(self, write_item):
             data = super().resolve_data(write_item)
-            if isinstance(data, torch.Tensor):
-                stream.before_write(data)
-            return data
+            return stream.before_write(data) if isinstance(data, torch.Tensor) else data
 
     class InProcessTorchDistSave(TorchDistSaveShardedStrategy):
         def save(self, sharded_state_dict, checkpoint_dir):
             sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
                 sharded_state_dict, self.keep_only_main_replica)
+            # per_thread_copy_ahead=0: one tensor resolved at a time, also with CUDA present (torch
+            # would otherwise resolve tensors ahead of writing them, and a stream recycles memory).
             writer = dcp.FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1,
-                                          sync_files=sync_files)
+                                          sync_files=sync_files, per_thread_copy_ahead=0)
             planner = (StreamingSavePlanner if stream is not None else MCoreSavePlanner)(
                 dedup_replicated_tensors=False, flatten_state_dict=False)
             # Every tensor is one torch.save zip record; its CRC-32 costs ~0.16 s per GiB and no
@@ -339,6 +340,9 @@ class ParameterLoader:
                                     f"{tuple(sh.global_shape)}")
         if problems:
             raise ValueError(f"{len(problems)} tensors do not match the model: " + "; ".join(problems[:10]))
+        for param in self._schedule:  # shapes are equal: no zero-fill for a shorter saved vocabulary
+            for sh in self._shards[id(param)]:
+                sh.allow_shape_mismatch = False
 
     def fetch(self, param: torch.Tensor) -> torch.Tensor:
         if id(param) not in self._loaded:

@@ -31,27 +31,20 @@ class CheckpointError(RuntimeError):
     """The checkpoint directory is missing files or holds unreadable ones."""
 
 
-def tensor_bytes(tensor: torch.Tensor, row: Optional[int] = None) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor, or of one row of a 2-D tensor with contiguous
-    rows (no copy). The tensor must outlive the view.
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor (no copy). The tensor must outlive the view.
 
-    Built on the raw address rather than ``.numpy()``: numpy marks the storage as not resizable
-    for good, and the converters free parameters by resizing their storage to nothing.
+    Built on the raw address rather than ``.numpy()``, which marks the storage as not resizable
+    for good.
     """
-    if row is None:
-        if not tensor.is_contiguous():
-            raise ValueError("tensor_bytes needs a contiguous tensor")
-        address, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
-    else:
-        if tensor.dim() != 2 or tensor.stride(1) != 1:
-            raise ValueError("tensor_bytes(row=...) needs a 2-D tensor with contiguous rows")
-        address = tensor.data_ptr() + row * tensor.stride(0) * tensor.element_size()
-        nbytes = tensor.shape[1] * tensor.element_size()
+    if not tensor.is_contiguous():
+        raise ValueError("tensor_bytes needs a contiguous tensor")
     if tensor.device.type != "cpu":
         raise ValueError("tensor_bytes needs a CPU tensor")
+    nbytes = tensor.numel() * tensor.element_size()
     if nbytes == 0:
         return memoryview(bytearray())
-    return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
 def read_exactly(fd: int, out: torch.Tensor, offset: int, name) -> None:

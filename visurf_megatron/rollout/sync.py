@@ -34,7 +34,8 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from ..checkpoint.mapping import MappingContext, Replicated, resolve_params, unwrap
+from ..checkpoint.mapping import resolve_params, unwrap
+from ..checkpoint.transforms import MappingContext, Replicated
 
 DEFAULT_BUCKET_BYTES = 512 << 20
 

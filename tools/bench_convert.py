@@ -8,7 +8,9 @@ HF -> Megatron (TP2 by default) and back, and prints, measured in this one run:
 * conversion wall time as a ratio to the raw floor: reading + writing the same bytes with
   safetensors (HF -> copy -> copy), i.e. what any converter must at least spend on I/O. Each
   conversion runs in a fresh process, as the CLI does (interpreter and imports included). Floor and
-  conversion steps alternate, each after a ``sync``; the median over ``--repeats`` is the result;
+  conversion steps alternate, each after a ``sync`` and with its input evicted from the page cache
+  (read from disk, as a checkpoint written a while ago; ``--input-cache warm`` reads it into the
+  cache first); the median over ``--repeats`` is the result;
 * the peak RSS of every rank, next to the size of the largest tensor.
 
     python tools/bench_convert.py --layers 2 --tp 2 --workdir /tmp/bench_convert
@@ -106,18 +108,47 @@ def write_synthetic(directory: Path, cfg: dict, dtype: torch.dtype, shard_bytes:
 SETTLE_S = 5.0
 
 
-def timed(step) -> tuple[float, object]:
-    """Seconds ``step()`` takes, started from the same memory and write-back state as every other step.
+def evict(directory: Path) -> None:
+    """Drop the (clean) page cache of every file under ``directory``: its next read comes from disk."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def prime(directory: Path) -> None:
+    """Read every file under ``directory`` once, so that the next read finds it in the page cache."""
+    buffer = bytearray(64 << 20)
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(buffer):
+                    pass
+
+
+def timed(step, reads: Path, cached: bool = False) -> tuple[float, object]:
+    """Seconds ``step()`` takes, started from the same memory, cache and write-back state as every
+    other step.
 
     ``sync`` first: otherwise a step pays for the write-back of the one before it (the kernel
-    throttles writers once ~20 % of memory is dirty). Then a pause: on a VM that reports free pages
-    to its host (Linux free page reporting, after ~2 s), memory freed just before (the previous
-    step's deleted output) is cheap to reuse at once and costs a host fault per page later. The
-    floor started within milliseconds of a delete, a conversion only after its ranks' start-up,
-    so without the pause the floor alone wrote into warm memory (measured here: 2 GiB of page
-    cache in 0.4 s warm, 3-5 s cold).
+    throttles writers once ~20 % of memory is dirty). The step's input (``reads``) is then evicted
+    from the page cache, for floor and conversion alike, as for a checkpoint written or downloaded
+    a while ago: otherwise whether the input was cached would depend on the steps before (the
+    converters drop what they write behind them, so the way back would read its input from disk
+    while its floor read a cached one). Then a pause: on a VM that reports free pages to its host
+    (Linux free page reporting, after ~2 s), memory freed just before (the previous step's deleted
+    output) is cheap to reuse at once and costs a host fault per page later. The floor started
+    within milliseconds of a delete, a conversion only after its ranks' start-up, so without the
+    pause the floor alone wrote into warm memory (measured here: 2 GiB of page cache in 0.4 s
+    warm, 3-5 s cold).
     """
     os.sync()
+    evict(reads)
+    if cached:  # --input-cache warm: the input is read into the page cache first (not timed)
+        prime(reads)
     time.sleep(SETTLE_S)
     start = time.perf_counter()
     result = step()
@@ -186,8 +217,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3,
                         help="measure floor and conversions this many times; the median ratio is the result (default 3)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument("--input-cache", choices=["cold", "warm"], default="cold",
+                        help="every step (floor and conversion) reads its input from disk (cold, the default: a "
+                             "checkpoint written a while ago) or from the page cache (warm: read just before)")
     args = parser.parse_args(argv)
     work = Path(args.workdir)
+    warm = args.input_cache == "warm"
     shutil.rmtree(work, ignore_errors=True)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     cfg = seven_b_config(args.layers, {"bf16": "bfloat16", "fp32": "float32"}[args.dtype])
@@ -198,17 +233,17 @@ def main(argv=None) -> int:
     layout = dict(tp=args.tp, pp=args.pp, progress=False)
     ratios = []
     for repeat in range(args.repeats):
-        # Each floor step runs with the same files in the page cache as the conversion it is the
-        # floor of (the HF input; for the way back also the megatron checkpoint), from a clean
-        # write-back state; outputs are deleted as soon as they are measured.
-        floor_in, _ = timed(lambda: copy_with_safetensors(work / "hf", work / "floor"))
+        # Every step reads its input from disk (see timed), from a clean write-back state; outputs
+        # are deleted as soon as they are measured.
+        floor_in, _ = timed(lambda: copy_with_safetensors(work / "hf", work / "floor"), reads=work / "hf", cached=warm)
         shutil.rmtree(work / "floor")
         to_meg_s, to_meg = timed(lambda: convert_in_fresh_process("hf_to_megatron", world, dict(
-            hf_dir=str(work / "hf"), out_dir=str(work / "meg"), **layout)))
-        floor_out, _ = timed(lambda: copy_with_safetensors(work / "hf", work / "floor"))
+            hf_dir=str(work / "hf"), out_dir=str(work / "meg"), **layout)), reads=work / "hf", cached=warm)
+        floor_out, _ = timed(lambda: copy_with_safetensors(work / "hf", work / "floor"), reads=work / "hf", cached=warm)
         shutil.rmtree(work / "floor")
         to_hf_s, to_hf = timed(lambda: convert_in_fresh_process("megatron_to_hf", world, dict(
-            megatron_dir=str(work / "meg"), out_dir=str(work / "back"), max_shard_size="2GB", **layout)))
+            megatron_dir=str(work / "meg"), out_dir=str(work / "back"), max_shard_size="2GB", **layout)),
+            reads=work / "meg", cached=warm)
         if repeat + 1 < args.repeats or not args.keep:
             shutil.rmtree(work / "meg")
             shutil.rmtree(work / "back")
@@ -227,7 +262,8 @@ def main(argv=None) -> int:
             rss = ", ".join(f"rank{r}: {res['max_rss_gib']:.2f}" for r, res in enumerate(results))
             print(f"[{repeat + 1}/{args.repeats}] peak RSS GiB {direction}: {rss}   "
                   f"(goal <= 2 + largest tensor = {2 + largest / GIB:.2f})")
-    print(f"ratio to floor, median of {len(ratios)}: {statistics.median(ratios):.2f} (goal <= 1.5); "
+    print(f"ratio to floor ({args.input_cache} input), median of {len(ratios)}: {statistics.median(ratios):.2f} "
+          f"(goal <= 1.5); "
           f"all: {', '.join(f'{r:.2f}' for r in ratios)}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

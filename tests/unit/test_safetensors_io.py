@@ -119,3 +119,69 @@ def test_slot_writer_casts_and_refuses_blocks_that_do_not_fit(tmp_path):
     writer.close()
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         assert torch.equal(f.get_tensor("w"), w.to(torch.bfloat16))
+
+
+# --------------------------------------------------------------------------------------------
+# Drop-behind: written pages leave the page cache, data stays intact
+
+
+def _resident_pages(path) -> list[bool]:
+    """Which pages of ``path`` are in the page cache (Linux ``mincore`` on a mapping that reads nothing)."""
+    import ctypes
+    import mmap
+    import os
+
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), size) as mapped:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(mapped))
+        vec = (ctypes.c_ubyte * pages)()
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vec) == 0, ctypes.get_errno()
+        del address  # the buffer export must end before the mapping closes
+        return [bool(v & 1) for v in vec]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "posix_fadvise"), reason="needs posix_fadvise (Linux)")
+def test_drop_behind_drops_the_whole_pages_it_was_told_about_and_keeps_partial_ones(tmp_path):
+    """The kernel drops whole cached folios (one page or more) inside the range; the partial pages
+    at both ends, which another rank may still write, must stay."""
+    import os
+
+    from visurf_megatron.checkpoint.safetensors_io import DropBehind
+
+    size = 16 << 20
+    content = os.urandom(size)
+    path = tmp_path / "f.bin"
+    path.write_bytes(content)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        drop = DropBehind(every=1 << 30)
+        drop.wrote(fd, 100, size - 200)  # all but 100 bytes at each end: the first and last page are partial
+        os.fsync(fd)  # only pages already written back can be dropped
+        assert all(_resident_pages(path))
+        drop.flush()
+    finally:
+        os.close(fd)
+    resident = _resident_pages(path)
+    assert resident[0] and resident[-1], "a partially written page was dropped"
+    assert resident.count(False) >= len(resident) // 2, f"only {resident.count(False)} of {len(resident)} dropped"
+    assert path.read_bytes() == content
+
+
+def test_drop_behind_stream_writes_what_torch_save_reads_back(tmp_path):
+    import io
+
+    from visurf_megatron.checkpoint.safetensors_io import DropBehindStream
+
+    tensors = [torch.randn(300, 70) for _ in range(4)]
+    with DropBehindStream(open(tmp_path / "t.pt", "wb"), every=50_000) as stream:
+        offsets = []
+        for t in tensors:
+            offsets.append(stream.tell())
+            torch.save(t, stream)
+    data = (tmp_path / "t.pt").read_bytes()
+    bounds = offsets + [len(data)]
+    for t, (a, b) in zip(tensors, zip(bounds, bounds[1:])):
+        assert torch.equal(torch.load(io.BytesIO(data[a:b]), weights_only=True), t)

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from .safetensors_io import DTYPES, INDEX_NAME, SINGLE_NAME, tensor_bytes
+from .safetensors_io import DTYPES, INDEX_NAME, SINGLE_NAME, DropBehind, tensor_bytes
 
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
@@ -201,6 +201,8 @@ class SlotWriter:
         self.directory, self.plan = Path(directory), plan
         self._fds: dict[int, int] = {}
         self.bytes_written = 0
+        # Blocks of full rows are this rank's alone; column blocks share pages with other ranks.
+        self._drop = DropBehind()
 
     def write(self, name: str, row: int, col: int, block: torch.Tensor) -> None:
         slot = self.plan.slots[name]
@@ -216,6 +218,7 @@ class SlotWriter:
         start = slot.offset + (row * cols + col) * item
         if block.shape[1] == cols and block.is_contiguous():
             self._pwrite(fd, tensor_bytes(block), start)
+            self._drop.wrote(fd, start, block.numel() * item)
         elif block.numel():
             # One view over every row, sliced per row: a row-parallel tensor has thousands of rows.
             width, pitch = block.shape[1] * item, block.stride(0) * item
@@ -236,6 +239,7 @@ class SlotWriter:
         return self._fds[file]
 
     def close(self) -> None:
+        self._drop.flush()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

@@ -165,7 +165,10 @@ def _in_process_save_strategy(sync_files: bool, stream=None):
         MCoreSavePlanner, TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys,
         mcore_to_pyt_state_dict,
     )
+    from torch.distributed.checkpoint.filesystem import FileSystem
     from torch.distributed.checkpoint.planner import WriteItemType
+
+    from .safetensors_io import DropBehindStream
 
     class StreamingSavePlanner(MCoreSavePlanner):
         def finish_plan(self, new_plan):
@@ -178,6 +181,18 @@ def _in_process_save_strategy(sync_files: bool, stream=None):
             data = super().resolve_data(write_item)
             return stream.before_write(data) if isinstance(data, torch.Tensor) else data
 
+    class DropBehindFileSystem(FileSystem):
+        """Each rank's file is written once, start to end, and not read back: drop it behind."""
+
+        @contextlib.contextmanager
+        def create_stream(self, path, mode):
+            if mode != "wb":
+                with super().create_stream(path, mode) as stream:
+                    yield stream
+                return
+            with DropBehindStream(open(path, "wb")) as stream:
+                yield stream
+
     class InProcessTorchDistSave(TorchDistSaveShardedStrategy):
         def save(self, sharded_state_dict, checkpoint_dir):
             sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
@@ -186,6 +201,7 @@ def _in_process_save_strategy(sync_files: bool, stream=None):
             # would otherwise resolve tensors ahead of writing them, and a stream recycles memory).
             writer = dcp.FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1,
                                           sync_files=sync_files, per_thread_copy_ahead=0)
+            writer.fs = DropBehindFileSystem()
             planner = (StreamingSavePlanner if stream is not None else MCoreSavePlanner)(
                 dedup_replicated_tensors=False, flatten_state_dict=False)
             # Every tensor is one torch.save zip record; its CRC-32 costs ~0.16 s per GiB and no

@@ -47,6 +47,67 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
+PAGE = 4096
+
+
+class DropBehind:
+    """Hands the page cache of what a converter wrote back to the kernel, every ``every`` bytes.
+
+    A converter writes each byte once and reads none of it back; left in the page cache, a 7B-72B
+    checkpoint evicts everything else and the writers stall once dirty pages pile up.
+    ``posix_fadvise(DONTNEED)`` starts the write-back of the recorded ranges and drops pages
+    already written back (measured on the 2-core dev VM: 4 GiB written in 9.1-9.7 s plain, 2.5-3.3 s
+    with this every 256 MiB). Only whole pages this writer alone writes may be recorded: a page
+    another rank still has to fill would be read back from disk for it. No-op without fadvise.
+    """
+
+    def __init__(self, every: int = 256 << 20):
+        self.every = every
+        self._ranges: list[tuple[int, int, int]] = []  # (fd, start, length), page-aligned
+        self._pending = 0
+
+    def wrote(self, fd: int, start: int, nbytes: int) -> None:
+        """``[start, start + nbytes)`` of ``fd`` was written by this writer only (partial pages are skipped)."""
+        first, end = -(-start // PAGE) * PAGE, (start + nbytes) // PAGE * PAGE
+        if end > first:
+            self._ranges.append((fd, first, end - first))
+            self._pending += end - first
+        if self._pending >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        ranges, self._ranges, self._pending = self._ranges, [], 0
+        if hasattr(os, "posix_fadvise"):
+            for fd, start, length in ranges:
+                os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
+
+
+class DropBehindStream:
+    """A binary output stream (as ``open(path, "wb")`` gives) that drops its pages behind it
+    (``DropBehind``) as it is written: for files one writer fills from start to end."""
+
+    def __init__(self, stream, every: int = 256 << 20):
+        self._stream, self._written, self._drop = stream, 0, DropBehind(every)
+
+    def write(self, data) -> int:
+        written = self._stream.write(data)
+        self._written += written
+        if self._written >= self._drop.every:
+            self._stream.flush()
+            self._drop.wrote(self._stream.fileno(), 0, self._stream.tell())
+            self._written = 0
+        return written
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._stream.close()
+
+
 def read_exactly(fd: int, out: torch.Tensor, offset: int, name) -> None:
     """Fill the contiguous CPU tensor ``out`` with the bytes of file ``fd`` from ``offset``
     (``name`` only for the error when the file ends first)."""

@@ -174,14 +174,21 @@ _PIECE_CASES = {
     "gated mlp": (GatedMLP(), lambda: [_rows(100, 4), _rows(200, 4)]),
     "gated mlp bias": (GatedMLP(), lambda: [torch.arange(100, 104), torch.arange(200, 204)]),
 }
+TRANSFORM_CASES = pytest.mark.parametrize("case", sorted(_PIECE_CASES))
+TP_SIZES = pytest.mark.parametrize("tp", [1, 2])
 
 
-@pytest.mark.parametrize("case", sorted(_PIECE_CASES))
-@pytest.mark.parametrize("tp", [1, 2])
-def test_pieces_of_all_ranks_assemble_to_hf_covering_each_element_once(case, tp):
+def _case(case: str, tp: int):
+    """(transform, HF tensors, the shard of every TP rank) for one of the cases above."""
     transform, make = _PIECE_CASES[case]
     hf = make()
-    shards = [transform.to_megatron(hf, r, tp, CTX) for r in range(tp)]
+    return transform, hf, [transform.to_megatron(hf, r, tp, CTX) for r in range(tp)]
+
+
+@TRANSFORM_CASES
+@TP_SIZES
+def test_pieces_of_all_ranks_assemble_to_hf_covering_each_element_once(case, tp):
+    transform, hf, shards = _case(case, tp)
     # The reference layout is the input itself (to_hf round-trips it, checked elsewhere).
     assembled = [torch.zeros_like(as_matrix(t)) for t in hf]
     hits = [torch.zeros(as_matrix(t).shape, dtype=torch.int64) for t in hf]
@@ -196,20 +203,18 @@ def test_pieces_of_all_ranks_assemble_to_hf_covering_each_element_once(case, tp)
         assert torch.equal(got.reshape(original.shape), original)
 
 
-@pytest.mark.parametrize("case", sorted(_PIECE_CASES))
-@pytest.mark.parametrize("tp", [1, 2])
+@TRANSFORM_CASES
+@TP_SIZES
 def test_shape_arithmetic_agrees_with_the_data_path(case, tp):
     """shard_shape / hf_shapes (what the converters check and plan with) match to_megatron / to_hf."""
-    transform, make = _PIECE_CASES[case]
-    hf = make()
-    shards = [transform.to_megatron(hf, r, tp, CTX) for r in range(tp)]
+    transform, hf, shards = _case(case, tp)
     for rank, shard in enumerate(shards):
         assert transform.shard_shape([tuple(t.shape) for t in hf], rank, tp, CTX) == tuple(shard.shape)
         assert transform.hf_shapes(tuple(shard.shape), tp, CTX) == [tuple(t.shape) for t in hf]
 
 
 @pytest.mark.parametrize("case", sorted(c for c, (t, _) in _PIECE_CASES.items() if hasattr(t, "read_shard")))
-@pytest.mark.parametrize("tp", [1, 2])
+@TP_SIZES
 def test_lazy_read_shard_into_place_equals_to_megatron(case, tp, tmp_path):
     """read_shard from a real safetensors file, straight into the destination, gives to_megatron's shard."""
     from safetensors.torch import save_file

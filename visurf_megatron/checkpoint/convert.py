@@ -89,9 +89,8 @@ def _import_megatron_deferring_compile() -> None:
         return run
 
     # Imports only create objects that live until exit, yet with the cyclic GC on they trigger
-    # hundreds of full collections over a growing heap (~0.35 s per rank for megatron, more when
-    # both ranks share 2 cores). Pause it, then freeze what
-    # was imported so later collections (and the ones at interpreter exit) skip it.
+    # hundreds of full collections over a growing heap (~0.35 s for megatron). Pause it, then
+    # freeze what was imported so later collections (and the ones at interpreter exit) skip it.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:

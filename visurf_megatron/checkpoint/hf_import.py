@@ -175,7 +175,12 @@ class StreamedHFParams:
         self._done_with_previous()
         key = tensor.untyped_storage().data_ptr()
         read = self._reads.get(key)
-        if read is None or read.param.storage_offset() != 0:
+        if read is None:
+            return tensor
+        if read.param.storage_offset() != 0:  # not a storage of its own: fill the parameter itself
+            if key not in self._read:
+                read_into(read, self._hf, self._ctx)
+                self._read.add(key)
             return tensor
         if key not in self._filled:
             self._filled[key] = _typed_buffer(self.pool, read.param)

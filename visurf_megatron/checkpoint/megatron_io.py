@@ -197,10 +197,11 @@ def _in_process_save_strategy(sync_files: bool, stream=None):
         def save(self, sharded_state_dict, checkpoint_dir):
             sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
                 sharded_state_dict, self.keep_only_main_replica)
-            # per_thread_copy_ahead=0: one tensor resolved at a time, also with CUDA present (torch
-            # would otherwise resolve tensors ahead of writing them, and a stream recycles memory).
+            # A stream recycles memory, so it must see one tensor at a time; with CUDA present torch
+            # would otherwise resolve tensors ahead of writing them (per_thread_copy_ahead).
+            ahead = {"per_thread_copy_ahead": 0} if stream is not None else {}
             writer = dcp.FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1,
-                                          sync_files=sync_files, per_thread_copy_ahead=0)
+                                          sync_files=sync_files, **ahead)
             writer.fs = DropBehindFileSystem()
             planner = (StreamingSavePlanner if stream is not None else MCoreSavePlanner)(
                 dedup_replicated_tensors=False, flatten_state_dict=False)

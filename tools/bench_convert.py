@@ -8,9 +8,9 @@ HF -> Megatron (TP2 by default) and back, and prints, measured in this one run:
 * conversion wall time as a ratio to the raw floor: reading + writing the same bytes with
   safetensors (HF -> copy -> copy), i.e. what any converter must at least spend on I/O. Each
   conversion runs in a fresh process, as the CLI does (interpreter and imports included). Floor and
-  conversion steps alternate, each after a ``sync`` and with its input evicted from the page cache
-  (read from disk, as a checkpoint written a while ago; ``--input-cache warm`` reads it into the
-  cache first); the median over ``--repeats`` is the result;
+  conversion steps alternate, each after a ``sync`` and with none of the benchmark's files in the
+  page cache: the input is read from disk, as a checkpoint written a while ago (``--input-cache
+  warm`` reads it into the cache first); the median over ``--repeats`` is the result;
 * the peak RSS of every rank, next to the size of the largest tensor.
 
     python tools/bench_convert.py --layers 2 --tp 2 --workdir /tmp/bench_convert
@@ -129,16 +129,16 @@ def prime(directory: Path) -> None:
                     pass
 
 
-def timed(step, reads: Path, cached: bool = False) -> tuple[float, object]:
+def timed(step, work: Path, reads: Path, cached: bool = False) -> tuple[float, object]:
     """Seconds ``step()`` takes, started from the same memory, cache and write-back state as every
     other step.
 
     ``sync`` first: otherwise a step pays for the write-back of the one before it (the kernel
-    throttles writers once ~20 % of memory is dirty). The step's input (``reads``) is then evicted
-    from the page cache, for floor and conversion alike, as for a checkpoint written or downloaded
-    a while ago: otherwise whether the input was cached would depend on the steps before (the
-    converters drop what they write behind them, so the way back would read its input from disk
-    while its floor read a cached one). Then a pause: on a VM that reports free pages to its host
+    throttles writers once ~20 % of memory is dirty). Then every file of the benchmark (``work``)
+    leaves the page cache, so no step runs with what the step before left cached (a converter that
+    leaves its output cached slows down the floor after it, one that drops it behind does not); the
+    step's input (``reads``) is read from disk, for floor and conversion alike, as a checkpoint
+    written or downloaded a while ago, or with ``cached`` read into the cache first. Then a pause: on a VM that reports free pages to its host
     (Linux free page reporting, after ~2 s), memory freed just before (the previous step's deleted
     output) is cheap to reuse at once and costs a host fault per page later. The floor started
     within milliseconds of a delete, a conversion only after its ranks' start-up, so without the
@@ -146,7 +146,7 @@ def timed(step, reads: Path, cached: bool = False) -> tuple[float, object]:
     warm, 3-5 s cold).
     """
     os.sync()
-    evict(reads)
+    evict(work)
     if cached:  # --input-cache warm: the input is read into the page cache first (not timed)
         prime(reads)
     time.sleep(SETTLE_S)
@@ -233,17 +233,19 @@ def main(argv=None) -> int:
     layout = dict(tp=args.tp, pp=args.pp, progress=False)
     ratios = []
     for repeat in range(args.repeats):
-        # Every step reads its input from disk (see timed), from a clean write-back state; outputs
-        # are deleted as soon as they are measured.
-        floor_in, _ = timed(lambda: copy_with_safetensors(work / "hf", work / "floor"), reads=work / "hf", cached=warm)
+        # Every step starts with a clean page cache and write-back state (see timed); outputs are
+        # deleted as soon as they are measured.
+        floor_in, _ = timed(lambda: copy_with_safetensors(work / "hf", work / "floor"),
+                            work=work, reads=work / "hf", cached=warm)
         shutil.rmtree(work / "floor")
         to_meg_s, to_meg = timed(lambda: convert_in_fresh_process("hf_to_megatron", world, dict(
-            hf_dir=str(work / "hf"), out_dir=str(work / "meg"), **layout)), reads=work / "hf", cached=warm)
-        floor_out, _ = timed(lambda: copy_with_safetensors(work / "hf", work / "floor"), reads=work / "hf", cached=warm)
+            hf_dir=str(work / "hf"), out_dir=str(work / "meg"), **layout)), work=work, reads=work / "hf", cached=warm)
+        floor_out, _ = timed(lambda: copy_with_safetensors(work / "hf", work / "floor"),
+                             work=work, reads=work / "hf", cached=warm)
         shutil.rmtree(work / "floor")
         to_hf_s, to_hf = timed(lambda: convert_in_fresh_process("megatron_to_hf", world, dict(
             megatron_dir=str(work / "meg"), out_dir=str(work / "back"), max_shard_size="2GB", **layout)),
-            reads=work / "meg", cached=warm)
+            work=work, reads=work / "meg", cached=warm)
         if repeat + 1 < args.repeats or not args.keep:
             shutil.rmtree(work / "meg")
             shutil.rmtree(work / "back")

@@ -77,9 +77,14 @@ class DropBehind:
 
     def flush(self) -> None:
         ranges, self._ranges, self._pending = self._ranges, [], 0
-        if hasattr(os, "posix_fadvise"):
-            for fd, start, length in ranges:
-                os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
+        for fd, start, length in ranges:
+            _drop_cached(fd, start, length)
+
+
+def _drop_cached(fd: int, start: int, length: int) -> None:
+    """``posix_fadvise(DONTNEED)`` on ``[start, start + length)``: write-back starts, clean pages go."""
+    if length > 0 and hasattr(os, "posix_fadvise"):  # (length 0 would mean: to the end of the file)
+        os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
 
 
 class DropBehindStream:
@@ -87,15 +92,16 @@ class DropBehindStream:
     (``DropBehind``) as it is written: for files one writer fills from start to end."""
 
     def __init__(self, stream, every: int = 256 << 20):
-        self._stream, self._written, self._drop = stream, 0, DropBehind(every)
+        self._stream, self.every, self._unadvised = stream, every, 0
 
     def write(self, data) -> int:
         written = self._stream.write(data)
-        self._written += written
-        if self._written >= self._drop.every:
+        self._unadvised += written
+        if self._unadvised >= self.every:
+            # All whole pages so far: those still being written back at the last call go now.
             self._stream.flush()
-            self._drop.wrote(self._stream.fileno(), 0, self._stream.tell())
-            self._written = 0
+            _drop_cached(self._stream.fileno(), 0, self._stream.tell() // PAGE * PAGE)
+            self._unadvised = 0
         return written
 
     def __getattr__(self, name):

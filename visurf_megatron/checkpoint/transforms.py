@@ -73,6 +73,11 @@ def _check_out(out: Optional[Tensor], shape) -> None:
         raise ShardShapeError(shape)
 
 
+def _check_read(transform, sources, tp_rank: int, tp_size: int, ctx, out: Optional[Tensor]) -> None:
+    """Before ``read_shard`` reads: the sources' geometry fits (``shard_shape``) and so does ``out``."""
+    _check_out(out, transform.shard_shape([_shape(s) for s in sources], tp_rank, tp_size, ctx))
+
+
 def _read_range(source, dim: int, start: int, stop: int, out: Optional[Tensor] = None) -> Tensor:
     """Rows (dim 0) or columns (dim 1) [start, stop) of a tensor or a lazy safetensors slice.
 
@@ -88,12 +93,6 @@ def _read_range(source, dim: int, start: int, stop: int, out: Optional[Tensor] =
     index = (slice(start, stop),) if dim == 0 else (slice(None), slice(start, stop))
     part = source[index]
     return part if out is None else out.copy_(part)
-
-
-def _range_shape(source, dim: int, start: int, stop: int) -> tuple[int, ...]:
-    shape = list(_shape(source))
-    shape[dim] = stop - start
-    return tuple(shape)
 
 
 @dataclass(frozen=True)
@@ -174,8 +173,8 @@ class Split:
         return [Piece(0, 0, tp_rank * block.shape[1], block)]
 
     def read_shard(self, sources, tp_rank, tp_size, ctx, out=None):
+        _check_read(self, sources, tp_rank, tp_size, ctx, out)
         start, stop = _chunk_range(_shape(sources[0])[self.dim], tp_rank, tp_size)
-        _check_out(out, _range_shape(sources[0], self.dim, start, stop))
         return _read_range(sources[0], self.dim, start, stop, out)
 
 
@@ -184,8 +183,7 @@ class VocabSplit:
 
     def to_megatron(self, hf, tp_rank, tp_size, ctx):
         full = hf[0]
-        if full.shape[0] != ctx.vocab_size:
-            raise ValueError(f"vocabulary tensor has {full.shape[0]} rows, config says {ctx.vocab_size}")
+        self.shard_shape([tuple(full.shape)], tp_rank, tp_size, ctx)  # validates the vocabulary size
         pad = ctx.padded_vocab_size - ctx.vocab_size
         if pad:
             full = torch.cat([full, full.new_zeros((pad,) + tuple(full.shape[1:]))], dim=0)
@@ -210,11 +208,8 @@ class VocabSplit:
         return [Piece(0, start, 0, as_matrix(shard[:real]))] if real else []
 
     def read_shard(self, sources, tp_rank, tp_size, ctx, out=None):
-        shape = _shape(sources[0])
-        if shape[0] != ctx.vocab_size:
-            raise ValueError(f"vocabulary tensor has {shape[0]} rows, config says {ctx.vocab_size}")
+        _check_read(self, sources, tp_rank, tp_size, ctx, out)
         start, stop = _chunk_range(ctx.padded_vocab_size, tp_rank, tp_size)
-        _check_out(out, (stop - start,) + tuple(shape[1:]))
         real_stop = min(stop, ctx.vocab_size)
         real_start = min(start, real_stop)
         n_real = real_stop - real_start
@@ -293,8 +288,7 @@ class GroupedQKV:
     def read_shard(self, sources, tp_rank, tp_size, ctx, out=None):
         """Rank ``tp_rank``'s query groups, read row range by row range into their places in ``out``."""
         heads, groups, head_dim = self._geometry(ctx)
-        shape = self.shard_shape([_shape(s) for s in sources], tp_rank, tp_size, ctx)
-        _check_out(out, shape)
+        _check_read(self, sources, tp_rank, tp_size, ctx, out)
         if out is None:
             return self.to_megatron([_read_range(s, 0, 0, _shape(s)[0]) for s in sources], tp_rank, tp_size, ctx)
         q_rows, local = heads // groups * head_dim, groups // tp_size
@@ -359,9 +353,9 @@ class GatedMLP:
         return [Piece(0, tp_rank * half, 0, block[:half]), Piece(1, tp_rank * half, 0, block[half:])]
 
     def read_shard(self, sources, tp_rank, tp_size, ctx, out=None):
+        _check_read(self, sources, tp_rank, tp_size, ctx, out)
         ranges = [_chunk_range(_shape(src)[0], tp_rank, tp_size) for src in sources]
         rows = [stop - start for start, stop in ranges]
-        _check_out(out, (sum(rows),) + tuple(_shape(sources[0])[1:]))
         if out is None:
             return torch.cat([_read_range(src, 0, *r) for src, r in zip(sources, ranges)])
         for src, (start, stop), begin in zip(sources, ranges, (0, rows[0])):

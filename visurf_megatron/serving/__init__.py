@@ -1,0 +1,1 @@
+"""Serving exports: quantised Hugging Face checkpoints for vLLM / TensorRT-LLM (nvidia-modelopt)."""

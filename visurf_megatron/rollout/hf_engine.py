@@ -167,7 +167,9 @@ class HFRolloutEngine:
         return sorted(self._pending)
 
     # -- generation ---------------------------------------------------------------------------
-    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> list[list[Completion]]:
+    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig, *,
+                 first_index: int = 0) -> list[list[Completion]]:
+        """``first_index``: the seed index of ``requests[0]`` (a share of a larger request list)."""
         from transformers import GenerationConfig
 
         if self._pending and "weights" not in self.state.asleep:
@@ -183,7 +185,7 @@ class HFRolloutEngine:
             enc = self.processor(text=[request.prompt], images=list(request.images) or None, return_tensors="pt")
             enc = {k: v.to(self.device) for k, v in enc.items()}
             prompt_ids = enc["input_ids"][0].tolist()
-            seed = request_seed(sampling.seed, call, i, sampling.n)
+            seed = request_seed(sampling.seed, call, first_index + i, sampling.n)
             with torch.random.fork_rng(devices=devices), torch.no_grad():
                 if seed is not None:
                     torch.manual_seed(seed)

@@ -1,10 +1,10 @@
-"""Qwen2.5-VL processor and end-token helpers for the rollout engines (no network, no torchvision).
+"""Qwen2.5-VL processor and end-token helpers for the rollout engines (no network).
 
-transformers 5.20.2 cannot build any Qwen2-VL-family processor without torchvision: the video slot's
-base class (``VideoProcessorMixin``) only exists with torchvision and ``AutoProcessor.from_pretrained``
-always loads ``Qwen2VLVideoProcessor`` (huggingface/transformers#48558). torchvision cannot be installed
-beside the CPU torch 2.13 wheel, so without it ``load_processor`` builds the same ``Qwen2_5_VLProcessor``
-(images and text take exactly the stock code path) with no video processor.
+Without torchvision (the CPU environment: no CPU build of it exists for torch 2.13) transformers
+cannot build a Qwen2-VL-family processor on its own, because ``from_pretrained`` always loads a
+torchvision-only video processor. ``runtime.torchvision_shim.install_video_placeholder`` registers a
+placeholder for that slot (videos refused, images through the stock PIL path); vLLM builds its
+processor through the same transformers code, so both engines and the trainer tokenise alike.
 """
 from __future__ import annotations
 
@@ -13,60 +13,36 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-
-def image_only_processor_class():
-    """``Qwen2_5_VLProcessor`` subclass that accepts ``video_processor=None``."""
-    from transformers import Qwen2_5_VLProcessor
-
-    class Qwen2_5_VLImageOnlyProcessor(Qwen2_5_VLProcessor):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument is None and argument_name == "video_processor":
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    return Qwen2_5_VLImageOnlyProcessor
+from visurf_megatron.runtime.torchvision_shim import install_video_placeholder
 
 
 def build_processor(tokenizer, image_processor, chat_template: Optional[str] = None):
-    """An in-memory Qwen2.5-VL processor for ``tokenizer`` + ``image_processor``: the stock
-    ``Qwen2_5_VLProcessor`` when torchvision is available, else the image-only one.
-    ``chat_template`` defaults to the tokenizer's."""
-    from transformers.utils import is_torchvision_available
+    """An in-memory ``Qwen2_5_VLProcessor`` for ``tokenizer`` + ``image_processor`` (the stock video
+    processor where torchvision exists, else the placeholder). ``chat_template`` defaults to the
+    tokenizer's."""
+    from transformers import Qwen2_5_VLProcessor
 
     template = chat_template if chat_template is not None else tokenizer.chat_template
-    if is_torchvision_available():  # pragma: no cover - torchvision is absent from the CPU env
-        from transformers import Qwen2_5_VLProcessor
+    if install_video_placeholder():
+        from visurf_megatron.runtime.torchvision_shim import video_placeholder_class
+
+        video = video_placeholder_class()()
+    else:  # pragma: no cover - torchvision is absent from the CPU env
         from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-        video = Qwen2VLVideoProcessor(
-            patch_size=image_processor.patch_size,
-            temporal_patch_size=image_processor.temporal_patch_size,
-            merge_size=image_processor.merge_size,
-        )
-        return Qwen2_5_VLProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, video_processor=video, chat_template=template
-        )
-    cls = image_only_processor_class()
-    return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=template)
+        video = Qwen2VLVideoProcessor(patch_size=image_processor.patch_size,
+                                      temporal_patch_size=image_processor.temporal_patch_size,
+                                      merge_size=image_processor.merge_size)
+    return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video,
+                               chat_template=template)
 
 
 def load_processor(path: str | os.PathLike):
-    """The processor of a checkpoint directory, offline.
+    """The processor of a checkpoint directory, offline: ``AutoProcessor.from_pretrained(path)``."""
+    from transformers import AutoProcessor
 
-    ``AutoProcessor.from_pretrained(path)`` where torchvision is installed; otherwise the same
-    ``Qwen2_5_VLProcessor`` built from ``AutoTokenizer`` + ``AutoImageProcessor`` (PIL backend) and the
-    saved chat template, with no video processor.
-    """
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
-    from transformers.utils import is_torchvision_available
-
-    if is_torchvision_available():  # pragma: no cover - torchvision is absent from the CPU env
-        return AutoProcessor.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    image_processor = AutoImageProcessor.from_pretrained(path)
-    template_file = Path(path) / "chat_template.jinja"
-    template = template_file.read_text(encoding="utf-8") if template_file.exists() else tokenizer.chat_template
-    return build_processor(tokenizer, image_processor, chat_template=template)
+    install_video_placeholder()
+    return AutoProcessor.from_pretrained(path)
 
 
 def _as_id_list(value: Any) -> list[int]:

@@ -100,9 +100,14 @@ def quant_config(fmt: QuantFormat, quantize_vision: bool) -> dict:
 
     cfg = copy.deepcopy(getattr(mtq, fmt.mtq_config))
     if not quantize_vision:
-        # Last entry wins in modelopt's pattern dict: this disables the weight and input quantizers of
-        # every module under the vision tower and merger (both live under ``*visual*``).
-        cfg["quant_cfg"]["*visual*"] = {"enable": False}
+        # The last matching entry wins: this disables the weight and input quantizers of every module
+        # under the vision tower and merger (both live under ``*visual*``). modelopt <= 0.4x keeps
+        # ``quant_cfg`` as a pattern dict, newer releases (0.47: the gpu extra) as an ordered list.
+        entries = cfg["quant_cfg"]
+        if isinstance(entries, dict):
+            entries["*visual*"] = {"enable": False}
+        else:
+            entries.append({"quantizer_name": "*visual*", "enable": False})
     return cfg
 
 

@@ -1,8 +1,9 @@
 """visurf_megatron: ViSurf post-training of Qwen2.5-VL on megatron-core.
 
 Version pins live here and nowhere else. The CPU/dev environment installs
-``.[cpu,eval,data,test,export]`` (see the Makefile); the GPU image installs ``.[gpu,eval,data]``
-on top of an NGC PyTorch image (see the Dockerfile).
+``.[cpu,eval,data,test,export]`` (see the Makefile); the GPU image installs ``.[gpu,eval,data,sam2]``
+on a CUDA 13.0 devel image (see the Dockerfile; docker/gpu_pins.py reads these pins for it and for
+tools/check_gpu_env.sh).
 """
 from setuptools import find_packages, setup
 
@@ -17,7 +18,7 @@ setup(
     python_requires=">=3.11,<3.13",
     packages=find_packages(include=["visurf_megatron", "visurf_megatron.*"]),
     install_requires=[
-        # torch itself is pinned per environment: the `cpu` extra for dev/CI, the NGC image on GPU.
+        # torch itself is pinned per environment: the `cpu` extra for dev/CI, the `gpu` extra for the image.
         "torch>=2.13,<2.15",
         "megatron-core==0.16.1",
         TRANSFORMERS,
@@ -36,10 +37,15 @@ setup(
         "cpu": ["torch==2.13.0"],
         # Transformer Engine must never be installed without CUDA: its import raises RuntimeError,
         # which breaks `import megatron.core` itself.
+        # One torch for all of it: vLLM 0.33.0 pins torch==2.14.0 and torchvision==0.29.0 (PyPI's CUDA 13.0
+        # wheels). megatron-core 0.16.1 expects Transformer Engine <2.12; transformer_engine_torch is an
+        # sdist, compiled in the image against this torch (Dockerfile). tools/check_gpu_env.sh resolves it.
         "gpu": [
-            "transformer-engine[pytorch]>=2.9,<2.12",
+            "torch==2.14.0",
+            "torchvision==0.29.0",
             "vllm==0.33.0",
-            "nvidia-modelopt",
+            "transformer-engine[pytorch,core_cu13]==2.11.0",
+            "nvidia-modelopt==0.47.0",
         ],
         # sam2 must be installed with SAM2_BUILD_CUDA=0 --no-build-isolation --no-deps on CPU (its
         # torchvision dependency pulls a CUDA torch; the evaluation drives SAM2 without torchvision),

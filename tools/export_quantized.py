@@ -3,7 +3,7 @@
 
 From a trained run to a served model::
 
-    python checkpoint_converters/megatron_to_hf.py ...  --output outputs/run/hf
+    python checkpoint_converters/megatron_to_hf.py --megatron-dir outputs/run/checkpoints --out-dir outputs/run/hf
     python tools/export_quantized.py outputs/run/hf outputs/run/hf-fp8 --format fp8 \\
         --data data/train.jsonl --config examples/configs/qwen2_5_vl_7b_visurf.yaml
     vllm serve outputs/run/hf-fp8 --quantization modelopt

@@ -134,8 +134,10 @@ def test_check_script_is_sound_shell():
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install -y shellcheck)")
-def test_check_script_shellcheck():
-    proc = subprocess.run(["shellcheck", str(CHECK)], capture_output=True, text=True)
+@pytest.mark.parametrize("script", [CHECK, ROOT / "docker" / "apptainer_torchrun.sh"], ids=lambda p: p.name)
+def test_shellcheck(script):
+    assert os.access(script, os.X_OK)
+    proc = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
 

@@ -112,6 +112,9 @@ def test_fp8_config_and_exclusions_match_the_files(assets, fp8):
     # The tokenizer / processor files come along, so the directory is servable as is.
     for f in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.jinja"):
         assert (fp8 / f).read_bytes() == (assets[1] / f).read_bytes()
+    from visurf_megatron.rollout.processor import load_processor
+
+    assert load_processor(fp8).tokenizer.convert_tokens_to_ids("<|im_end|>") is not None
     assert report["calibration"]["samples"] == 8 and report["calibration"]["image_size"] == 56
     assert not set(report["calibration"]["sample_ids"]) & set(report["held_out"]["sample_ids"])
     # Published atomically: no temporary directory left beside the output.

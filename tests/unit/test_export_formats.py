@@ -29,3 +29,14 @@ def test_exclusions_move_to_saved_names_and_cover_every_kept_linear():
         ["lm_head", "model.embed_tokens", "visual*"]
     with pytest.raises(RuntimeError, match="quantised modules match"):
         fix_exclude_modules(["model.layers.*"], quantised, [])
+
+
+def test_prompt_settings_come_from_the_training_config_and_flags_override():
+    from tools.export_quantized import build_parser, prompt_settings
+
+    args = build_parser().parse_args(["hf", "out", "--data", "d.jsonl", "--config", "examples/configs/tiny_sft.yaml"])
+    s = prompt_settings(args)
+    assert (s.task, s.image_size, s.prompt_style, s.think) == ("grounding", 112, "detailed", True)
+    args = build_parser().parse_args(["hf", "out", "--data", "d.jsonl", "--config", "examples/configs/tiny_sft.yaml",
+                                      "--image-size", "56", "--no-think"])
+    assert (prompt_settings(args).image_size, prompt_settings(args).think) == (56, False)

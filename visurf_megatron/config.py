@@ -34,7 +34,9 @@ class ModelConfig:
     # tensorwise (current) scaling: megatron refuses BF16 first/last layers with delayed scaling.
     fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "tensorwise"
     fp8_bf16_first_last_layers: int = 1  # keep this many first and last LM layers in BF16 (0 = none)
-    fp8_vision: bool = False  # vision token counts are rarely divisible by 16, which TE FP8 GEMMs need
+    # FP8 in the vision tower too; refused at build when its GEMM shapes break TE's FP8 rule (every
+    # released Qwen2.5-VL: the vision MLP is 3420 wide, not a multiple of 16).
+    fp8_vision: bool = False
     freeze_vision: bool = False
     freeze_merger: bool = False
     freeze_language: bool = False
@@ -328,8 +330,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         par.dp = dp
     if par.sequence_parallel and par.tp == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
-    if par.vpp is not None and par.pp < 2:
-        raise ConfigError("parallel.vpp needs parallel.pp >= 2")
+    if par.vpp is not None:
+        # An interleaved schedule needs one model chunk per virtual stage (each built with its
+        # vp_stage) and one data iterator per chunk; the trainer builds one chunk per rank.
+        raise ConfigError(f"parallel.vpp={par.vpp} is not supported: the trainer runs one model chunk per "
+                          "pipeline rank (no interleaved schedule); remove parallel.vpp")
     heads, groups = cfg.model.num_attention_heads, cfg.model.num_query_groups
     if cfg.model.hf_path and (heads is None or groups is None):
         hf_heads, hf_groups = _heads_from_hf(cfg.model.hf_path)

@@ -93,8 +93,11 @@ def test_fp8_reaches_the_language_config_only():
     assert lang.first_last_layers_bf16 is True
     assert lang.num_layers_at_start_in_bf16 == 1 and lang.num_layers_at_end_in_bf16 == 1
     assert vis.fp8 is None and vis.first_last_layers_bf16 is False and vis.bf16  # vision stays BF16
-    # opt-in FP8 vision: FP8 fields, but the BF16 layer counts stay language-only
-    _, vis, _ = configs_from_hf(copy.deepcopy(HUB["7B"]), ParallelLayout(tp=4), params_dtype=torch.bfloat16,
+    # opt-in FP8 vision on a vision geometry TE can run in FP8 (MLP 3456 wide): FP8 fields, but the
+    # BF16 layer counts stay language-only
+    fp8_ready = copy.deepcopy(HUB["7B"])
+    fp8_ready["vision_config"]["intermediate_size"] = 3456
+    _, vis, _ = configs_from_hf(fp8_ready, ParallelLayout(tp=4), params_dtype=torch.bfloat16,
                                 fp8_vision=True, **fp8_overrides("e4m3", "tensorwise", 2))
     assert vis.fp8 == "e4m3" and vis.fp8_recipe == "tensorwise" and vis.first_last_layers_bf16 is False
     # non-FP8 overrides still reach both towers

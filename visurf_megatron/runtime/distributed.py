@@ -100,21 +100,31 @@ def read_dist_env(env: Mapping[str, str] | None = None, default_port: int = 2950
     return DistEnv(0, 1, 0, "127.0.0.1", default_port, "single")
 
 
+def process_group_backend(cuda: bool) -> str:
+    """The default group's backend: a device map, so CPU tensors always have a backend.
+
+    With CUDA, ``cpu:gloo,cuda:nccl``: CUDA tensors go over NCCL, and a CPU tensor handed to a
+    collective (a count, a flag, an object list's sizes) goes over gloo instead of failing with "No
+    backend type associated with device type cpu". megatron creates its groups with
+    ``backend=None``, which torch resolves to the default group's backend string, so every
+    model-parallel group carries both. Without CUDA the same form with gloo alone (``cpu:gloo``).
+    """
+    return "cpu:gloo,cuda:nccl" if cuda else "cpu:gloo"
+
+
 def init_distributed(env: Mapping[str, str] | None = None, timeout_s: float = 1800.0) -> DistEnv:
-    """Initialise ``torch.distributed`` (nccl with CUDA, gloo without) and the CPU shim if needed."""
+    """Initialise ``torch.distributed`` (see ``process_group_backend``) and the CPU shim if needed."""
     denv = read_dist_env(env)
     if not 0 <= denv.rank < denv.world_size:
         raise DistributedEnvError(f"rank {denv.rank} outside world of size {denv.world_size}")
     cpu.activate()
     if dist.is_initialized():
         return denv
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if cuda:
         torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
-        backend = "nccl"
-    else:
-        backend = "gloo"
     dist.init_process_group(
-        backend=backend,
+        backend=process_group_backend(cuda),
         init_method=f"tcp://{denv.master_addr}:{denv.master_port}",
         rank=denv.rank,
         world_size=denv.world_size,

@@ -7,12 +7,14 @@ grid; every row carries its own copy in a micro-batch, so any row can sit in any
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TypeVar
 
 import torch
 
 from visurf_megatron.models.qwen2_5_vl.rope import mrope_position_ids
+from visurf_megatron.models.qwen2_5_vl.specs import FP8_ROWS_MULTIPLE
 
 
 @dataclass
@@ -49,10 +51,59 @@ class MicroBatch:
     pixel_values: Optional[torch.Tensor]
     image_grid_thw: Optional[torch.Tensor]
     row_index: torch.Tensor  # [B] index into the step's rows; -1 for padding rows
+    # What the loss needs of these rows (``RowInfo.select(row_index.clamp(min=0))``), attached by
+    # the trainer so that it travels to the model's device with the micro-batch.
+    rows: Optional[object] = None
+    # [B, S] old-policy log-probs when the batch is split into several updates (else the current
+    # ones, detached, are the old ones: ratio 1); padding rows hold zeros and are masked out.
+    old_logp: Optional[torch.Tensor] = None
 
     @property
     def real_rows(self) -> torch.Tensor:
         return self.row_index >= 0
+
+    def to(self, device) -> "MicroBatch":
+        return to_device(self, device)
+
+
+T = TypeVar("T")
+
+
+def to_device(batch: T, device) -> T:
+    """A copy of a dataclass (``MicroBatch``, ``RowInfo``) with every tensor field on ``device``.
+
+    Micro-batches are collated on the CPU (the processor's tensors live there) and must meet the
+    model on its device, together with the row info the loss reads (``MicroBatch.rows``). Every
+    field is visited (not a list of names), so a field added later moves too; dataclass fields
+    (the row info) move recursively, tensors inside dict fields (``RowInfo.metrics``) as well;
+    other values are kept.
+    """
+    device = torch.device(device)
+    changes = {}
+    for f in dataclasses.fields(batch):
+        value = getattr(batch, f.name)
+        if isinstance(value, torch.Tensor):
+            changes[f.name] = value.to(device, non_blocking=True)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            changes[f.name] = to_device(value, device)
+        elif isinstance(value, dict) and any(isinstance(v, torch.Tensor) for v in value.values()):
+            changes[f.name] = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                               for k, v in value.items()}
+    return dataclasses.replace(batch, **changes)
+
+
+def sequence_multiple(tp: int, sequence_parallel: bool, fp8: bool) -> int:
+    """What every micro-batch's padded length S must be a multiple of.
+
+    Sequence parallel splits S over tp ranks (S % tp == 0). Transformer Engine's FP8 GEMMs check
+    each linear's local input before the sequence-parallel all-gather, [S/tp * B, H] (``specs.
+    fp8_gemm_shape_ok``: rows % 8, H % 16, H being the model's), so S/tp * B % 8 == 0 (S * B without
+    SP) for any micro-batch size B: S/tp (or S) itself is padded to a multiple of 8.
+    """
+    if tp < 1:
+        raise ValueError(f"tensor parallel size must be >= 1, got {tp}")
+    split = tp if sequence_parallel else 1
+    return split * (FP8_ROWS_MULTIPLE if fp8 else 1)
 
 
 def gt_response_ids(tokenizer, text: str, end_of_turn_id: int) -> list[int]:

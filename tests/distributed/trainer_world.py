@@ -62,3 +62,43 @@ def gt_style_auto_step(base: dict, overrides: list[str]) -> dict:
     return {"sample_ids": [s.id for s in samples], "scores": scores, "before": before, "chosen": trainer.gt_style,
             "trainer_scores": trainer.gt_style_scores, "gt_texts": gt_texts,
             "train_state": trainer.train_state()}
+
+
+def vllm_steps(base: dict, overrides: list[str], steps: int) -> dict:
+    """``steps`` train steps with the vLLM engine; per rank: metrics, a fingerprint of the rows it
+    trained on at each step, its place in the layout and how many requests its replica generated."""
+    import hashlib
+
+    from megatron.core import parallel_state
+
+    from visurf_megatron.training.trainer import Trainer
+
+    trainer = Trainer(_config(base, overrides))
+    history, fingerprints = [], []
+    for _ in range(steps):
+        metrics = trainer.train_step()
+        trainer.step += 1
+        history.append({k: v for k, v in metrics.items() if not k.startswith("time/") and "throughput" not in k})
+        rows = [(r.prompt, tuple(r.response_ids), r.is_gt, r.engine_logprobs and tuple(r.engine_logprobs))
+                for r in trainer._rows_for_metrics]
+        fingerprints.append(hashlib.sha256(repr(rows).encode()).hexdigest())
+    out = dict(history=history, fingerprints=fingerprints, requests_generated=trainer.engine.requests_generated,
+               dp_rank=parallel_state.get_data_parallel_rank(), tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+               engine_tp=trainer.engine.tensor_parallel_size)
+    trainer.close()
+    return out
+
+
+def engine_lifetime(base: dict, overrides: list[str]) -> dict:
+    """When the trainer builds its rollout engine, and whether it is asleep (holding no memory)."""
+    from visurf_megatron.training.trainer import Trainer
+
+    trainer = Trainer(_config(base, overrides))
+    out = {"after_init": None if trainer.engine is None else sorted(trainer.engine.state.asleep)}
+    trainer.train_step()
+    trainer.step += 1
+    out["after_step"] = None if trainer.engine is None else sorted(trainer.engine.state.asleep)
+    trainer.sync_weights()  # what an evaluation does: the engine appears, awake
+    out["after_sync"] = None if trainer.engine is None else sorted(trainer.engine.state.asleep)
+    trainer.close()
+    return out

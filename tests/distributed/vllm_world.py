@@ -77,4 +77,5 @@ def engine_world(ckpt_a, ckpt_b, prompts, rollout_tp, new_tokens, temperature):
         cycles.append((kept, back_to_a, summarise(engine.generate(requests, greedy))))
     out["cycles"] = cycles
     out["updates"] = engine.updates
+    engine.shutdown()
     return out

@@ -176,10 +176,8 @@ def build_engine(cfg: EvalConfig):
         engine = HFRolloutEngine(cfg.model, device=device, dtype=_torch_dtype(cfg.dtype, device.startswith("cuda")))
         engine.load_checkpoint_weights()
         return engine, engine.processor
-    if not torch.cuda.is_available():
-        raise EvalError("--engine vllm needs a CUDA GPU; use --engine hf on CPU")
     from visurf_megatron.checkpoint.safetensors_io import open_hf_checkpoint
-    from visurf_megatron.rollout.vllm_engine import VLLMRolloutEngine  # lazy: GPU only
+    from visurf_megatron.rollout.vllm_engine import VLLMRolloutEngine  # lazy: imports vLLM (CUDA or CPU build)
 
     _single_process_group()
     engine = VLLMRolloutEngine(cfg.model, tensor_parallel_size=1, gpu_memory_utilization=cfg.gpu_memory_utilization,

@@ -272,6 +272,7 @@ class VLLMRolloutEngine:
         self.state = EngineState()  # dummy weights: stale until the first update
         self.calls = 0
         self.updates = 0
+        self.requests_generated = 0  # requests this rank's replica sampled (a share, in the trainer)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Stream full HF-named tensors (either HF naming) into this rank's vLLM model, then drop every
@@ -300,6 +301,7 @@ class VLLMRolloutEngine:
             for i in range(len(requests))
         ]
         outputs = self.llm.generate([vllm_prompt(r) for r in requests], sampling_params=params, use_tqdm=False)
+        self.requests_generated += len(requests)
         return [completions_from_request_output(o, stop_token_ids=stops, max_new_tokens=sampling.max_new_tokens)
                 for o in outputs]
 
@@ -322,3 +324,12 @@ class VLLMRolloutEngine:
         if self.platform.sleep_mode:
             self.llm.wake_up(tags=tags)
         self.state.asleep.difference_update(tags)
+
+    def shutdown(self) -> None:
+        """Release the engine now. Left to interpreter exit, vLLM's teardown runs after the launcher has
+        destroyed the process groups it destroys again (a page of errors per rank). vLLM's teardown also
+        destroys torch.distributed's default group: call this last, after every other collective."""
+        if self.llm is None:
+            return
+        self.llm.llm_engine.engine_core.shutdown()
+        self.llm = None

@@ -1,8 +1,15 @@
 """One step's experience: rollouts from the engine, GT rows in the rollout style, rewards.
 
-Engines that are not SPMD (the transformers engine) generate on model-parallel rank 0 of each
-data-parallel replica; the completions are broadcast to the other ranks of that replica, which
-train on the same rows.
+Every rank of one model-parallel group (TP x PP, one data-parallel replica) must train on the same
+rows: a single differing token changes padded shapes (a hang) or TP sums (silently wrong).
+
+* Engines that are not SPMD (the transformers engine) generate on model-parallel rank 0 of each
+  replica; the completions are broadcast to the other ranks of the group.
+* The SPMD vLLM engine forms one rollout replica per ``rollout.tp`` consecutive ranks, so a
+  model-parallel group holds ``tp * pp / rollout.tp`` of them. The group's requests are split into
+  contiguous shares, one per replica (each request keeps its seed index), every replica generates its
+  share, and the shares are all-gathered over the group: every rank then holds the same completions,
+  and all of the group's replicas work.
 """
 from __future__ import annotations
 
@@ -37,9 +44,44 @@ def broadcast_within_model_parallel(obj):
     return holder[0]
 
 
+def replica_shares(group_ranks: Sequence[int], rank: int, rollout_tp: int, n_requests: int):
+    """(share index, number of shares, [start, stop) of this rank's requests, leader flag) for the
+    rollout replicas (``rollout_tp`` consecutive global ranks) inside one model-parallel group (pure)."""
+    if rank not in group_ranks:
+        raise ValueError(f"rank {rank} is not in the model-parallel group {list(group_ranks)}")
+    replicas = sorted({r // rollout_tp for r in group_ranks})
+    if len(set(group_ranks)) != len(replicas) * rollout_tp:
+        raise ValueError(f"rollout replicas of {rollout_tp} consecutive ranks do not tile the model-parallel "
+                         f"group {list(group_ranks)}; rollout.tp must divide parallel.tp")
+    index, count = replicas.index(rank // rollout_tp), len(replicas)
+    base, extra = divmod(n_requests, count)
+    start = index * base + min(index, extra)
+    stop = start + base + (1 if index < extra else 0)
+    return index, count, (start, stop), rank % rollout_tp == 0
+
+
+def generate_spmd_shares(engine, requests: Sequence[RolloutRequest], sampling):
+    """SPMD engine: each rollout replica of this model-parallel group generates its share of
+    ``requests``; the shares are all-gathered so every rank of the group returns all completions."""
+    group = parallel_state.get_model_parallel_group()
+    ranks = dist.get_process_group_ranks(group)
+    index, count, (start, stop), leader = replica_shares(ranks, dist.get_rank(), engine.tensor_parallel_size,
+                                                         len(requests))
+    mine = engine.generate(requests[start:stop], sampling, first_index=start)
+    if count == 1:
+        return mine
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (index, leader, mine), group=group)
+    shares = {i: part for i, lead, part in gathered if lead}
+    completions = [c for i in range(count) for c in shares[i]]
+    if len(completions) != len(requests):
+        raise RuntimeError(f"gathered {len(completions)} rollout groups for {len(requests)} requests")
+    return completions
+
+
 def generate_rollouts(engine, prompts: Sequence[PreparedPrompt], sampling, *, spmd: bool = False,
                       call_index: Optional[int] = None):
-    """[prompt][G] completions, identical on every rank of the model-parallel group.
+    """[prompt][G] completions, identical on every rank of the model-parallel group (module doc).
 
     ``call_index`` (the training step) fixes the engine's per-call seed offset, so a resumed run
     samples exactly the rollouts the uninterrupted run would have.
@@ -48,7 +90,7 @@ def generate_rollouts(engine, prompts: Sequence[PreparedPrompt], sampling, *, sp
     if engine is not None and call_index is not None:
         engine.calls = call_index
     if spmd:
-        return engine.generate(requests, sampling)
+        return generate_spmd_shares(engine, requests, sampling)
     completions = engine.generate(requests, sampling) if is_generating_rank() else None
     return broadcast_within_model_parallel(completions)
 

@@ -89,8 +89,11 @@ class Trainer:
                               self.extras.vision_start_token_id]
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_of_turn_id
         self.spmd_engine = cfg.rollout.engine == "vllm"
-        generates = self.spmd_engine or experience.is_generating_rank()
-        self.engine = build_engine(cfg.rollout, cfg.model.hf_path, dtype=self.dtype) if generates else None
+        self.engine = None
+        # Built up front only where the paradigm ever rolls out (SFT never does: an evaluation's first
+        # sync_weights builds it then), and asleep until a weight sync needs it.
+        if any(self.paradigm.needs_rollouts(s) for s in range(cfg.train.steps)):
+            self._ensure_engine()
         self.preparer = PromptPreparer(self.processor, image_size=cfg.data.image_size,
                                        prompt_style=cfg.data.prompt_style, think=cfg.data.think)
         samples = load_samples(cfg.data.train_path, task=cfg.data.task, on_bad_row=cfg.data.on_bad_row,
@@ -136,8 +139,18 @@ class Trainer:
         dp_rank = parallel_state.get_data_parallel_rank()
         return SamplingConfig.from_config(self.cfg.rollout, seed=self.cfg.rollout.seed + 7919 * dp_rank)
 
+    def _ensure_engine(self):
+        """The rollout engine of this rank (built asleep on first use; collective with vLLM), or None on
+        ranks that only take part in the weight sync (the transformers engine generates on model-parallel
+        rank 0)."""
+        if self.engine is None and (self.spmd_engine or experience.is_generating_rank()):
+            self.engine = build_engine(self.cfg.rollout, self.cfg.model.hf_path, dtype=self.dtype)
+            self.engine.sleep()
+        return self.engine
+
     def sync_weights(self) -> None:
         """Collective over all ranks: stream the current weights into the engine (or just take part)."""
+        self._ensure_engine()
         stream = export_hf_weights(self.chunks, bucket_bytes=self.cfg.rollout.bucket_mb * 2**20)
         if self.engine is None:
             for _ in stream:

@@ -18,7 +18,10 @@ Components (per GPU, worst pipeline stage):
   only the layer input 2*s*b*h (/t with SP) plus one layer being recomputed. Stage 0 of a 1F1B
   pipeline holds pp micro-batches in flight, i.e. all L layers' worth (interleaved: times
   1 + (pp-1)/(pp*vpp)). The vision tower (windowed attention, 4 full-attention blocks) uses the same
-  formula on stage 0; logits add 4*s*b*V/t bytes (fp32) on the last stage. ``swiglu_mlp`` replaces
+  formula on stage 0, never with sequence parallelism (the model runs it without SP: its patch
+  activations are whole on every TP rank) and with the same recompute setting (the vision tower
+  recomputes its layers under ``recompute: full`` too); logits add 4*s*b*V/t bytes (fp32) on the
+  last stage. ``swiglu_mlp`` replaces
   the paper's 4h-GeLU MLP term (19 sbh) by the SwiGLU one (2 + 6 f/h) sbh: the formula is for GPT.
   FP8 activation savings are not modelled (conservative);
 * vLLM (colocated, sleep mode): it reserves gpu_memory_utilization x GPU memory (weights / rollout_tp
@@ -31,7 +34,7 @@ Reference point: the ViSurf paper trained the 7B with verl (FSDP + vLLM) on 8x H
 selective recompute, micro-batch 1, 2124 tokens, vLLM rollout TP=2 colocated at 0.45) this tool gives
 74.8 GiB peak, the rollout phase: 37.7 GiB of training state (7.7 weights + 15.4 fp32 grads + 11.6
 optimizer over DP=4 + 3 overhead) + 36 GiB vLLM + 1 GiB sync bucket; the training phase alone is
-44.1 GiB. (`python tools/estimate_memory.py --model 7b --gpus 8 --tp 2`.) The paper's figure is of a
+44.7 GiB. (`python tools/estimate_memory.py --model 7b --gpus 8 --tp 2`.) The paper's figure is of a
 different stack (FSDP shards weights/grads/optimizer 8 ways; verl's vLLM share and what it reports
 differ), so it is context, not a check.
 """
@@ -208,12 +211,15 @@ def estimate(model: ModelSpec, layout: Layout, stage: Optional[int] = None) -> d
     # Vision tower (stage 0): s_v patches, windowed attention except a few full-attention blocks.
     s_v = _vision_patches(model, layout) * b
     vis_ffn = model.vision_ffn if layout.swiglu_mlp else None
-    vis_act = 0.0
+    vis_act = vis_work = 0.0
     if model.vision_depth:
         full = min(model.vision_full_attn_blocks, model.vision_depth)
         for blocks, attn_s in ((full, s_v), (model.vision_depth - full, model.window_tokens)):
-            vis_act += blocks * layer_activation_bytes(s_v, 1, model.vision_hidden, model.vision_heads, t, sp,
+            vis_act += blocks * layer_activation_bytes(s_v, 1, model.vision_hidden, model.vision_heads, t, False,
                                                        layout.recompute, vis_ffn, attn_s)
+        if layout.recompute == "full":  # the layer being recomputed (a full-attention one at worst)
+            vis_work = layer_activation_bytes(s_v, 1, model.vision_hidden, model.vision_heads, t, False,
+                                              "selective", vis_ffn, s_v)
     stages = []
     for i in range(pp):
         first, last = i == 0, i == pp - 1
@@ -228,7 +234,7 @@ def estimate(model: ModelSpec, layout: Layout, stage: Optional[int] = None) -> d
         stage_fp8 = max(0, min(hi, model.layers - k) - max(lo, k)) if layout.fp8 else 0
         flight = in_flight - i if layout.num_microbatches is None else max(1, in_flight - i)
         factor = (1 + (pp - 1) / (pp * layout.vpp)) if (layout.vpp and first) else 1.0
-        acts = per_layer * (hi - lo) * flight * factor + work_layer
+        acts = per_layer * (hi - lo) * flight * factor + (max(work_layer, vis_work) if first else work_layer)
         if first:
             acts += vis_act * flight * factor
         logits = 4 * s * b * vocab / t if last else 0.0

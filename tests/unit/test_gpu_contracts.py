@@ -192,7 +192,8 @@ def test_fp8_vision_refused_for_qwen_vision_geometry(tmp_path):  # defect 6
 def test_megatron_builds_on_the_gpu_when_there_is_one(tmp_path, monkeypatch):  # defect 8
     hf = build_checkpoint(tmp_path, "untied")
     lang, vis, _ = configs_from_hf(hf)
-    assert lang.use_cpu_initialization and vis.use_cpu_initialization  # CPU: megatron builds on the CPU
+    cuda = torch.cuda.is_available()
+    assert lang.use_cpu_initialization == vis.use_cpu_initialization == (not cuda)  # no GPU: build on the CPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # fake_cuda_available
     lang, vis, _ = configs_from_hf(hf)
     assert not lang.use_cpu_initialization and not vis.use_cpu_initialization
@@ -260,8 +261,10 @@ def one_rank_world(hf_dir):
     from visurf_megatron.training.forward import run_micro_batches, vocab_parallel_logprobs
 
     setup_model_parallel()
-    out = {"backend": dist.get_backend_config(), "expected_backend": process_group_backend(False),
-           "groups": {name: dist.get_backend_config(getattr(parallel_state, f"get_{name}_group")())
+    default = dist.get_backend_config()
+    out = {"backend": dist.distributed_c10d.BackendConfig(dist.Backend(str(default))).get_device_backend_map(),
+           "expected_backend": process_group_backend(torch.cuda.is_available()),
+           "groups": {name: str(dist.get_backend_config(getattr(parallel_state, f"get_{name}_group")())) == str(default)
                       for name in ("data_parallel", "tensor_model_parallel", "pipeline_model_parallel", "model_parallel")}}
     # A CPU float64 total over the DP group and a MIN flag over the world, as the trainer does.
     total = torch.tensor([2.5], dtype=torch.float64)
@@ -307,16 +310,19 @@ def _vision_checks(hf_dir):
     from visurf_megatron.models.qwen2_5_vl.specs import vision_layer_spec
     from visurf_megatron.models.qwen2_5_vl.vision import Qwen25VisionModel
 
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
     def build(**overrides):
         _, vis, extras = configs_from_hf(hf_dir, **overrides)
         torch.manual_seed(0)
-        model = Qwen25VisionModel(vis, vision_layer_spec("local"), extras)
+        model = Qwen25VisionModel(vis, vision_layer_spec("local"), extras).to(device)
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.05)
         return model
 
     grid = torch.tensor([[1, 2, 6]])  # 12 patches: not a multiple of 8
-    pixels = torch.randn(12, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(1))
+    pixels = torch.randn(12, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(1)).to(device)
     reference = build()
     ref_out = reference(pixels, grid)
 
@@ -345,12 +351,13 @@ def _vision_checks(hf_dir):
     finally:
         vision_module.get_fp8_context = original
     result = {"fp8_layers_entered": entered, "fp8_rows": rows, "layers": len(reference.decoder.layers),
-              "fp8_max_diff": float((fp8_out - ref_out).abs().max())}
+              "fp8_max_diff": float((fp8_out - ref_out).abs().max().cpu())}
 
     # Full recompute: the same gradients, far fewer saved activations.
     cuda_get, cuda_set = mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state
-    mrandom._get_cuda_rng_state = lambda *a, **k: torch.zeros(1, dtype=torch.uint8)  # fake_cuda_rng_state
-    mrandom._set_cuda_rng_state = lambda *a, **k: None  # fake_cuda_rng_state
+    if not cuda:  # megatron's checkpoint saves the CUDA RNG state; there is none on a CPU machine
+        mrandom._get_cuda_rng_state = lambda *a, **k: torch.zeros(1, dtype=torch.uint8)  # fake_cuda_rng_state
+        mrandom._set_cuda_rng_state = lambda *a, **k: None  # fake_cuda_rng_state
     try:
         stats = {}
         for name, model in (("plain", reference),
@@ -365,7 +372,7 @@ def _vision_checks(hf_dir):
                 y = model(pixels, grid)
             (y.float() ** 2).sum().backward()
             stats[name] = {"saved_bytes": sum(saved),
-                           "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+                           "grads": {n: p.grad.cpu() for n, p in model.named_parameters()}}
     finally:
         mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state = cuda_get, cuda_set
     result["saved_plain"] = stats["plain"]["saved_bytes"]
@@ -378,9 +385,11 @@ def _vision_checks(hf_dir):
 def test_one_rank_world_contracts(tmp_path):  # defects 1, 2, 6, 8
     hf_dir = build_checkpoint(tmp_path, "untied")
     (out,) = run_world(one_rank_world, 1, hf_dir, timeout_s=300)
-    # defect 2: the default group is a device map, and megatron's groups inherit it.
-    assert out["backend"] == out["expected_backend"] == "cpu:gloo"
-    assert set(out["groups"].values()) == {"cpu:gloo"}, out["groups"]
+    # defect 2: the default group is a device map (CPU tensors: gloo), and megatron's groups inherit it.
+    cuda = torch.cuda.is_available()
+    assert out["expected_backend"] == ("cpu:gloo,cuda:nccl" if cuda else "cpu:gloo")
+    assert out["backend"] == ({"cpu": "gloo", "cuda": "nccl"} if cuda else {"cpu": "gloo"})
+    assert all(out["groups"].values()), out["groups"]
     assert out["reduced"] == 2.5
     # defect 1
     assert out["model_saw"] == [{"input_ids": "meta", "position_ids": "meta", "pixel_values": "meta",
@@ -399,7 +408,32 @@ def test_one_rank_world_contracts(tmp_path):  # defects 1, 2, 6, 8
     v = out["vision"]
     assert v["fp8_layers_entered"] == list(range(v["layers"]))
     assert v["fp8_rows"] == [16] * v["layers"]
-    assert v["fp8_max_diff"] <= 1e-6
-    assert v["grad_max_diff"] <= 1e-6
+    assert v["fp8_max_diff"] <= 1e-5
+    assert v["grad_max_diff"] <= 1e-5
     # (without recompute in the vision tower both are equal; the rest is the patch embedding and merger)
     assert v["saved_recompute"] < 0.6 * v["saved_plain"], (v["saved_recompute"], v["saved_plain"])
+
+
+def test_memory_estimate_runs_the_vision_tower_without_sequence_parallel():  # defect 6
+    from dataclasses import replace
+
+    from tools.estimate_memory import PRESETS, Layout, estimate
+
+    model = PRESETS["7b"]
+    no_vision = replace(model, vision_depth=0)
+    base = Layout(tp=2, dp=4, colocate_rollout=False, overhead_gib=0.0)
+
+    def vision_activations(**kw):
+        layout = replace(base, **kw)
+        return estimate(model, layout, stage=0)["activations"] - estimate(no_vision, layout, stage=0)["activations"]
+
+    for recompute in ("none", "selective", "full"):
+        # The model never runs the vision tower sequence-parallel: the LM's SP setting changes nothing there.
+        assert vision_activations(recompute=recompute, sequence_parallel=True) == pytest.approx(
+            vision_activations(recompute=recompute, sequence_parallel=False))
+    # Full recompute keeps each vision layer's whole input [s_v, 1, h_v] (bf16, not split over TP); the
+    # one layer being recomputed at a time is the LM's here (larger than a vision layer).
+    s_v = (840 // 14) ** 2
+    kept = 32 * 2 * s_v * model.vision_hidden / 2**30
+    assert vision_activations(recompute="full") == pytest.approx(kept)
+    assert kept < vision_activations(recompute="selective")

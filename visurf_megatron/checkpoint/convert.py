@@ -56,8 +56,9 @@ def _on_all_ranks(step: Callable[[], Any], what: str) -> Any:
 
 
 def _to_collective_device(model):
-    # nccl (GPU) collectives need CUDA tensors; gloo works on the CPU copies megatron built.
-    return model.cuda() if torch.cuda.is_available() and dist.get_backend() == "nccl" else model
+    # With CUDA the default group is cpu:gloo,cuda:nccl (runtime.distributed.process_group_backend):
+    # the model's tensors go over nccl, on the GPU; gloo works on the CPU copies megatron built.
+    return model.cuda() if torch.cuda.is_available() else model
 
 
 def _import_megatron_deferring_compile() -> None:

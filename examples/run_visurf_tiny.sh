@@ -18,7 +18,8 @@ step() { printf '\n== %s\n' "$*"; }
 
 step "1/6 tiny Qwen2.5-VL checkpoint -> $OUT/hf"
 if [ ! -f "$OUT/hf/config.json" ]; then
-  "$PY" tools/make_tiny_checkpoint.py "$OUT/hf" --seed 0
+  # Two heads of 32: vLLM's CPU attention (the rollout engine) takes head sizes of 32 and up.
+  "$PY" tools/make_tiny_checkpoint.py "$OUT/hf" --seed 0 --heads 2 --kv-heads 2
 fi
 
 step "2/6 synthetic grounding data -> $OUT/data"

@@ -32,8 +32,9 @@ class Profile:
     data_seed: int = 0
     model_seed: int = 0
     init_std: float = 0.1
-    # tiny Qwen2.5-VL (make_tiny_checkpoint keyword arguments)
-    model: tuple = (("hidden", 64), ("layers", 4), ("heads", 4), ("kv_heads", 2), ("intermediate", 128),
+    # tiny Qwen2.5-VL (make_tiny_checkpoint keyword arguments); two heads of 32 because vLLM's CPU
+    # attention (the rollout engine) takes head sizes of 32 and up
+    model: tuple = (("hidden", 64), ("layers", 4), ("heads", 2), ("kv_heads", 2), ("intermediate", 128),
                     ("vision_depth", 4), ("vision_hidden", 32), ("vision_heads", 2), ("vision_intermediate", 64))
 
 

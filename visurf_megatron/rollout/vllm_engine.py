@@ -38,6 +38,7 @@ and return plain values and are tested without building an engine.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,10 @@ from .processor import checkpoint_stop_token_ids, merged_stop_token_ids
 
 #: KV cache of a CPU engine when none is given (the tiny models need a few MiB).
 CPU_KV_CACHE_BYTES = 256 << 20
+#: vLLM loggers whose warnings repeat every step and say nothing actionable here, kept to errors
+#: unless VLLM_LOGGING_LEVEL is set: the CPU worker warns each time vLLM's own request renderer sets
+#: torch's thread count; the in-place reload warns that rotary modules (no weights) loaded none.
+NOISY_LOGGERS = ("vllm.v1.worker.cpu_worker", "vllm.model_executor.model_loader.reload.layerwise")
 
 
 @dataclass(frozen=True)
@@ -243,6 +248,7 @@ class VLLMRolloutEngine:
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") not in ("0", "false", "False"):
             raise RuntimeError("external_launcher needs VLLM_ENABLE_V1_MULTIPROCESSING=0 (in-process engine core)")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        quiet = "VLLM_LOGGING_LEVEL" not in os.environ
         # vLLM logs a page per engine at INFO; keep warnings unless the user chose a level.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -253,6 +259,10 @@ class VLLMRolloutEngine:
             raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
         torchvision_shim.install_video_placeholder()
         from vllm import LLM  # lazy: the module imports without vLLM
+
+        if quiet:
+            for name in NOISY_LOGGERS:
+                logging.getLogger(name).setLevel(logging.ERROR)
 
         self.platform = platform_facts()
         _require_shim_hook(self.platform)

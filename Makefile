@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum setup.py | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-unit test-distributed test-integration test-gpu demo clean
+.PHONY: venv test test-unit test-distributed test-integration test-gpu gpu-wheels demo clean
 
 venv: $(STAMP)
 
@@ -49,6 +49,23 @@ test-integration: venv
 
 test-gpu: venv
 	$(PY) -m pytest tests/gpu $(PYTEST_ARGS)
+
+# Python 3.12 manylinux wheels of what the lent GPU machine lacks (megatron-core, at setup.py's pin; its
+# needs torch, numpy and packaging are there), into .whl/ for tools/gpu_smoke.sh. One version each:
+# two would stop the install there. No venv needed: pip only downloads.
+GPU_WHEELS := $(shell grep -o 'megatron-core==[0-9.]*' setup.py)
+GPU_WHEEL_PLATFORMS := $(foreach n,28 27 24 17,--platform manylinux_2_$(n)_x86_64) \
+  --platform manylinux2014_x86_64 --platform manylinux1_x86_64
+
+gpu-wheels:
+	@mkdir -p .whl
+	@for spec in $(GPU_WHEELS); do \
+	  name=$$(echo "$${spec%%==*}" | tr - _); version=$${spec##*==}; \
+	  find .whl -name "$${name}-*.whl" ! -name "$${name}-$${version}-*" -delete; \
+	done
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  $(GPU_WHEEL_PLATFORMS) -d .whl $(GPU_WHEELS)
+	@ls -1 .whl
 
 demo: venv
 	bash examples/run_visurf_tiny.sh

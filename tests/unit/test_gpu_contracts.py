@@ -437,3 +437,47 @@ def test_memory_estimate_runs_the_vision_tower_without_sequence_parallel():  # d
     kept = 32 * 2 * s_v * model.vision_hidden / 2**30
     assert vision_activations(recompute="full") == pytest.approx(kept)
     assert kept < vision_activations(recompute="selective")
+
+
+# --------------------------------------------------------------------------------------------
+# The first GPU minutes: the smoke script and the wheels it installs.
+
+
+def test_gpu_smoke_script_lists_its_checks_and_passes_shellcheck():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = root / "tools" / "gpu_smoke.sh"
+    out = subprocess.run([str(script), "--dry-run"], capture_output=True, text=True, timeout=60, check=True).stdout
+    checks = [line.split()[0] for line in out.splitlines()[1:]]
+    assert checks == ["setup", "contracts", "parity", "te_fp8", "convert", "train", "train_te", "vllm"]
+    only = subprocess.run([str(script), "--dry-run", "--only", "convert,train"], capture_output=True, text=True,
+                          timeout=60, check=True).stdout
+    assert [line.split()[0] for line in only.splitlines()[1:]] == ["convert", "train"]
+    bad = subprocess.run([str(script), "--only", "bogus"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown check: bogus" in bad.stderr
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed")
+    lint = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True, timeout=60)
+    assert lint.returncode == 0, lint.stdout
+
+
+def test_make_gpu_wheels_downloads_python_312_manylinux_megatron_core():
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("make not installed")
+    root = Path(__file__).resolve().parents[2]
+    plan = subprocess.run(["make", "-n", "gpu-wheels"], cwd=root, capture_output=True, text=True, timeout=60,
+                          check=True).stdout.replace("\\\n", " ")  # one line per command
+    pin = re.search(r"megatron-core==[0-9.]+", (root / "setup.py").read_text()).group(0)
+    download = next(line for line in plan.splitlines() if "pip download" in line)
+    for part in ("--python-version 3.12", "--implementation cp", "--only-binary=:all:", "--no-deps",
+                 "--platform manylinux_2_28_x86_64", "--platform manylinux2014_x86_64", "-d .whl", pin):
+        assert part in download, part
+    assert subprocess.run(["git", "check-ignore", "-q", ".whl/x.whl"], cwd=root).returncode == 0  # never committed

@@ -58,6 +58,13 @@ CPU_KV_CACHE_BYTES = 256 << 20
 NOISY_LOGGERS = ("vllm.v1.worker.cpu_worker", "vllm.model_executor.model_loader.reload.layerwise")
 
 
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
+_ERRORS_ONLY = _errors_only
+
+
 @dataclass(frozen=True)
 class PlatformFacts:
     """What vLLM's platform says about where the engine runs (``platform_facts()``)."""
@@ -262,7 +269,11 @@ class VLLMRolloutEngine:
 
         if quiet:
             for name in NOISY_LOGGERS:
-                logging.getLogger(name).setLevel(logging.ERROR)
+                # A filter, not a level: vLLM re-applies its dictConfig while building the engine,
+                # which resets the levels of its loggers (filters survive).
+                logger = logging.getLogger(name)
+                if _ERRORS_ONLY not in logger.filters:
+                    logger.addFilter(_ERRORS_ONLY)
 
         self.platform = platform_facts()
         _require_shim_hook(self.platform)

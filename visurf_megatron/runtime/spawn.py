@@ -91,7 +91,10 @@ def _rank_main(rank, world_size, port, fn, args, kwargs, results, env):
     # transformers imported (~400k objects): ~1 s per rank that the parent spends in join().
     # Frozen objects are skipped by those passes; atexit handlers, stream flushing and the queue's
     # feeder thread still run as usual (only __del__ of objects kept alive by a cycle is not run).
-    gc.freeze()
+    # Not with vLLM loaded: triton's nanobind extension then reports every object it still sees at
+    # exit as leaked (a page per rank).
+    if "triton._C.libtriton" not in sys.modules:
+        gc.freeze()
 
 
 def _kill(procs) -> None:

@@ -32,7 +32,8 @@ def entropy_at_temperature(hf_dir, batch, temperature):
 
 def fp8_padding_step(base: dict, overrides: list[str]) -> dict:
     """Defect 3: one trainer step with FP8 + sequence parallel; the shapes of every micro-batch the
-    trainer built (update, old log-probs, GT-style scoring). FP8 itself cannot run on CPU (no
+    trainer built (update, old log-probs, GT-style scoring). Defect 8: how the update asks for the
+    entropy (entropy_coef is 0 here). FP8 itself cannot run on CPU (no
     Transformer Engine: megatron's FP8 context is a no-op there); the padding rule is what is checked."""
     import copy
 
@@ -40,11 +41,13 @@ def fp8_padding_step(base: dict, overrides: list[str]) -> dict:
     import visurf_megatron.training.trainer as trainer_module
     from visurf_megatron.config import apply_overrides, from_dict
 
-    shapes = []
+    shapes, updates = [], []
 
     def spy(fn, tag):  # calls through: records the micro-batch shapes, changes nothing
         def wrapped(chunks, micro, *args, **kwargs):
             shapes.append((tag, [tuple(mb.input_ids.shape) for mb in micro]))
+            if not kwargs.get("forward_only", True):
+                updates.append({k: kwargs.get(k) for k in ("with_entropy", "entropy_grad")})
             return fn(chunks, micro, *args, **kwargs)
         return wrapped
 
@@ -53,4 +56,4 @@ def fp8_padding_step(base: dict, overrides: list[str]) -> dict:
     trainer = trainer_module.Trainer(from_dict(apply_overrides(copy.deepcopy(base), overrides)))
     metrics = trainer.train_step()
     trainer.logger.close()
-    return {"shapes": shapes, "loss": metrics["loss"], "entropy": metrics.get("entropy")}
+    return {"shapes": shapes, "updates": updates, "loss": metrics["loss"], "entropy": metrics.get("entropy")}

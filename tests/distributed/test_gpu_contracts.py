@@ -49,7 +49,7 @@ def trainer_base(tmp_path_factory):
     }
 
 
-def test_fp8_sequence_parallel_pads_every_micro_batch_for_transformer_engine(trainer_base):  # defect 3
+def test_fp8_sequence_parallel_pads_every_micro_batch_for_transformer_engine(trainer_base):  # defects 3, 8
     def te_fp8_shape_ok(rows, cols):  # TE 2.11 assert_dim_for_fp8_exec, written out independently
         return rows % 8 == 0 and cols % 16 == 0
 
@@ -60,6 +60,9 @@ def test_fp8_sequence_parallel_pads_every_micro_batch_for_transformer_engine(tra
     assert tags == {"update", "gt_style"}  # the update, its old log-probs and the GT-style scoring
     for r in results:
         assert math.isfinite(r["loss"])
+        # defect 8: entropy_coef = 0: the entropy is still computed (and logged), without autograd.
+        assert r["updates"] and all(u == {"with_entropy": True, "entropy_grad": False} for u in r["updates"])
+        assert math.isfinite(r["entropy"])
         for tag, shapes in r["shapes"]:
             for b, s in shapes:
                 # TE's rule on the local [S/tp * B, H] input of every linear (H = 64 here).

@@ -197,6 +197,9 @@ def test_megatron_builds_on_the_gpu_when_there_is_one(tmp_path, monkeypatch):  #
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # fake_cuda_available
     lang, vis, _ = configs_from_hf(hf)
     assert not lang.use_cpu_initialization and not vis.use_cpu_initialization
+    # A caller that writes files only (Megatron -> HF) keeps the model on the CPU on purpose.
+    lang, vis, _ = configs_from_hf(hf, use_cpu_initialization=True)
+    assert lang.use_cpu_initialization and vis.use_cpu_initialization
 
 
 # --------------------------------------------------------------------------------------------

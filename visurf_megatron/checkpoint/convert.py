@@ -225,8 +225,10 @@ def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, hf_template
             raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace it")
         parse_size(max_shard_size)
         setup_model_parallel(tp=tp, pp=pp)
-        model, _ = build_model(meta["hf_config"], tp, pp, DTYPES[meta["dtype"]])
-        return ckpt, meta, assets, model  # stays on the CPU: only files are written, no tensor collectives
+        # Built on the CPU even with a GPU present: only files are written, no tensor collectives.
+        model, _ = build_model(meta["hf_config"], tp, pp, DTYPES[meta["dtype"]],
+                               config_overrides={"use_cpu_initialization": True})
+        return ckpt, meta, assets, model
 
     ckpt, meta, assets, model = _on_all_ranks(validate, "validation")
     # Each rank loads its parameters a group at a time just before writing its parts of them, and

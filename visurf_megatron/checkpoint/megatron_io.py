@@ -55,7 +55,9 @@ def build_model(hf_config: Any, tp: int, pp: int, dtype: torch.dtype, *, initial
 
     ``initialize=False`` skips random init: converters overwrite every weight anyway, and random
     init of a 72B shard costs minutes. ``config_overrides`` go to both TransformerConfigs (see
-    ``transformer_overrides``).
+    ``transformer_overrides``). With CUDA the model is built on the current GPU (megatron's own
+    layers allocate their shards there); ``config_overrides={"use_cpu_initialization": True}``
+    keeps it on the CPU.
     """
     from visurf_megatron.models.qwen2_5_vl.config import ParallelLayout, configs_from_hf
     from visurf_megatron.models.qwen2_5_vl.model import Qwen25VLModel
@@ -65,6 +67,10 @@ def build_model(hf_config: Any, tp: int, pp: int, dtype: torch.dtype, *, initial
         perform_initialization=initialize, fp8_vision=fp8_vision, **(config_overrides or {}),
     )
     model = Qwen25VLModel(lang, vision, extras, backend=backend, **model_kwargs)
+    if not lang.use_cpu_initialization:
+        # megatron built its layers on the current GPU; the few plain torch modules (the patch
+        # Conv3d, the norms) follow, so no caller ever holds a model split across devices.
+        model.cuda(torch.cuda.current_device())
     if not initialize:
         mark_tensor_parallel_weights(model)
     return model, extras

@@ -139,7 +139,9 @@ def configs_from_hf(
 ) -> tuple[TransformerConfig, TransformerConfig, Qwen25VLExtras]:
     """(language TransformerConfig, vision TransformerConfig, extras) for a Qwen2.5-VL config.
 
-    ``overrides`` are applied to both TransformerConfigs (e.g. ``recompute_granularity``), except FP8
+    ``overrides`` are applied to both TransformerConfigs (e.g. ``recompute_granularity``; they may
+    replace the common fields too, e.g. ``use_cpu_initialization=True`` to build on the CPU with a
+    GPU present), except FP8
     fields (``specs.fp8_overrides``): those reach the vision tower only with ``fp8_vision=True``, and
     the BF16 first/last-layer counts, which count language layers, never do.
     """
@@ -195,8 +197,7 @@ def configs_from_hf(
         virtual_pipeline_model_parallel_size=parallel.vpp,
         sequence_parallel=parallel.sequence_parallel,
         mrope_section=list(mrope_section),
-        **common,
-        **overrides,
+        **{**common, **overrides},
     )
     vision_cfg = TransformerConfig(
         num_layers=vision.depth,
@@ -211,8 +212,7 @@ def configs_from_hf(
         add_qkv_bias=True,
         pipeline_model_parallel_size=1,
         sequence_parallel=False,
-        **common,
-        **_vision_overrides(overrides, fp8_vision),
+        **{**common, **_vision_overrides(overrides, fp8_vision)},
     )
     extras = Qwen25VLExtras(
         vocab_size=text.vocab_size,

@@ -107,9 +107,11 @@ def process_group_backend(cuda: bool) -> str:
     collective (a count, a flag, an object list's sizes) goes over gloo instead of failing with "No
     backend type associated with device type cpu". megatron creates its groups with
     ``backend=None``, which torch resolves to the default group's backend string, so every
-    model-parallel group carries both. Without CUDA the same form with gloo alone (``cpu:gloo``).
+    model-parallel group carries both. Without CUDA plain ``gloo`` (every tensor is a CPU one; the
+    device-typed ``cpu:gloo`` would leave groups without a default backend type once a backend
+    plugin is registered, which torch 2.13 warns about at every teardown).
     """
-    return "cpu:gloo,cuda:nccl" if cuda else "cpu:gloo"
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
 def init_distributed(env: Mapping[str, str] | None = None, timeout_s: float = 1800.0) -> DistEnv:

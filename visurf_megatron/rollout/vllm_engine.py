@@ -58,11 +58,8 @@ CPU_KV_CACHE_BYTES = 256 << 20
 NOISY_LOGGERS = ("vllm.v1.worker.cpu_worker", "vllm.model_executor.model_loader.reload.layerwise")
 
 
-def _errors_only(record: logging.LogRecord) -> bool:
+def _ERRORS_ONLY(record: logging.LogRecord) -> bool:  # noqa: N802 - a logging filter, used by identity
     return record.levelno >= logging.ERROR
-
-
-_ERRORS_ONLY = _errors_only
 
 
 @dataclass(frozen=True)
@@ -219,7 +216,7 @@ def _reload_weights_on_worker(worker: Any, weights: Iterable[tuple[str, torch.Te
     inner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
 
 
-def _require_shim_hook(platform: PlatformFacts) -> None:
+def _require_shim_hook() -> None:
     """vLLM inspects the model class in a fresh interpreter: without torchvision, that interpreter needs
     the shim's start-up hook (``runtime.torchvision_shim``), or vLLM fails with an obscure message."""
     if torchvision_shim.active() and not torchvision_shim.pth_installed():
@@ -276,7 +273,7 @@ class VLLMRolloutEngine:
                     logger.addFilter(_ERRORS_ONLY)
 
         self.platform = platform_facts()
-        _require_shim_hook(self.platform)
+        _require_shim_hook()
         self.checkpoint_dir = Path(checkpoint_dir)
         self.tensor_parallel_size = int(tensor_parallel_size)
         self.dp_rank, self.dp_size = rank // self.tensor_parallel_size, world // self.tensor_parallel_size

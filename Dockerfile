@@ -102,7 +102,10 @@ COPY docker ./docker
 RUN SAM2_BUILD_CUDA=0 pip install --no-cache-dir --no-build-isolation -c /opt/gpu-constraints.txt \
         -e '.[gpu,eval,data,sam2]'
 
-# 4. Last step: everything imports, and pip agrees the environment is consistent.
-RUN python docker/check_image.py && pip check
+# 4. Last step: everything imports, every setup.py pin is what got installed, and `pip check` agrees the
+#    environment is consistent (check_image.py runs it; one mislabelled TE wheel is allowed, see there).
+#    Its own RUN on purpose (DL3059), so a failure names this step.
+# hadolint ignore=DL3059
+RUN python docker/check_image.py
 
 CMD ["bash"]

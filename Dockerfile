@@ -3,11 +3,13 @@
 #
 # Every Python pin comes from setup.py (install_requires + extras gpu,eval,data,sam2), read by
 # docker/gpu_pins.py into a pip constraints file; tools/check_gpu_env.sh resolves the same set on a CPU
-# machine. Build (from the repository root; needs network, no GPU; ~20-30 min, most of it compiling
-# Transformer Engine's PyTorch extension):
+# machine. Build (from the repository root; needs network, no GPU; ~10 GB of wheels to download and
+# ~30 CPU-minutes of C++ for Transformer Engine's PyTorch extension):
 #     docker build -t visurf-megatron:gpu .
-# This Dockerfile has not been built here (the dev machines have no Docker engine and no GPU); see the
-# README's "GPU environment" section for what a first build must confirm.
+# This Dockerfile has not been built here (the dev machines have no Docker engine and no GPU). Its steps
+# were replayed in a CPython 3.12 venv on a CPU dev machine (same constraints, the TE extension compiled
+# against torch 2.14.0 with pip's CUDA 13.0 headers, then docker/check_image.py): see the README's
+# "GPU environment" section for that and for what a first real build must confirm.
 #
 # Why this base (versions as of vLLM 0.33.0):
 # - vLLM 0.33.0 pins torch==2.14.0, torchvision==0.29.0, torchaudio==2.11.0, flashinfer-python==0.7.2.post1
@@ -38,9 +40,9 @@
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-devel-ubuntu24.04
 FROM ${CUDA_IMAGE}
 
-# Compile Transformer Engine's extension for Hopper only by default (H100/H200; sm_90). Other GPUs:
-# --build-arg NVTE_CUDA_ARCHS="80;90;100".
-ARG NVTE_CUDA_ARCHS=90
+# Parallel C++ jobs for the TE extension (~1.5 GB of memory each). The extension is host C++ only
+# (a CppExtension): TE's GPU kernels come prebuilt in the transformer_engine_cu13 wheel (its fatbin holds
+# SASS for sm_75/80/89/90/100/103/120, read from the 2.11.0 wheel on the dev machine).
 ARG MAX_JOBS=8
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -87,8 +89,7 @@ RUN pip install --no-cache-dir -c /opt/gpu-constraints.txt torch torchvision vll
 # hadolint ignore=DL3013
 RUN SITE=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
     CPLUS_INCLUDE_PATH="$SITE/nvidia/cudnn/include:$SITE/nvidia/nccl/include" \
-    NVTE_FRAMEWORK=pytorch NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_CUDA_ARCHS="${NVTE_CUDA_ARCHS}" \
-    MAX_JOBS="${MAX_JOBS}" \
+    NVTE_FRAMEWORK=pytorch NVTE_PYTORCH_FORCE_BUILD=TRUE MAX_JOBS="${MAX_JOBS}" \
     pip install --no-cache-dir --no-build-isolation -c /opt/gpu-constraints.txt \
         'transformer-engine[pytorch,core_cu13]'
 

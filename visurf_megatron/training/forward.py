@@ -6,6 +6,7 @@ is an all-reduce forward and the identity backward, exactly what a sum over voca
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -41,10 +42,9 @@ def vocab_parallel_logprobs(
     logp = reduce_from_tensor_model_parallel_region(target) - log_z
     entropy = None
     if with_entropy:
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            src_shifted, src_log_z = (shifted, log_z) if entropy_grad else (shifted.detach(), log_z.detach())
-            probs = torch.exp(src_shifted - src_log_z.unsqueeze(-1))
-            entropy = src_log_z - reduce_from_tensor_model_parallel_region((probs * src_shifted).sum(-1))
+        with contextlib.nullcontext() if entropy_grad else torch.no_grad():
+            probs = torch.exp(shifted - log_z.unsqueeze(-1))
+            entropy = log_z - reduce_from_tensor_model_parallel_region((probs * shifted).sum(-1))
     return logp, entropy
 
 

@@ -82,7 +82,7 @@ die() { echo "check_gpu_env: $*" >&2; exit 2; }
 [[ -f $SETUP_PY ]] || die "no setup.py at $SETUP_PY"
 command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found (--python: a CPython 3.12)"
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null \
-  || die "$PYTHON is not CPython 3.12 (the image's Python; the native resolution needs it)"
+  || die "$PYTHON is not a working CPython 3.12 (the image's Python; the native resolution needs one): pass --python"
 
 if [[ -z $WORK ]]; then
   WORK=$(mktemp -d "${TMPDIR:-/tmp}/check_gpu_env.XXXXXX")

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny Qwen2.5-VL checkpoints and a multimodal batch, with transformers' reference."""
+"""Shared fixtures: tiny Qwen2.5-VL (or Qwen2-VL) checkpoints and a multimodal batch, with transformers' reference."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,10 +13,11 @@ from tools.make_tiny_checkpoint import load_processor, make_tiny_checkpoint
 CHECKPOINTS = {"untied": dict(tied=False, vocab_size=500), "tied": dict(tied=True, vocab_size=512)}
 
 
-def build_checkpoint(root: Path, kind: str, seed: int = 3) -> Path:
-    out = root / f"tiny_{kind}"
+def build_checkpoint(root: Path, kind: str, seed: int = 3, family: str = "qwen2_5_vl") -> Path:
+    """``family`` is the model_type (``qwen2_5_vl`` or ``qwen2_vl``)."""
+    out = root / (f"tiny_{kind}" if family == "qwen2_5_vl" else f"tiny_{family}_{kind}")
     if not (out / "config.json").exists():
-        make_tiny_checkpoint(out, seed=seed, **CHECKPOINTS[kind])
+        make_tiny_checkpoint(out, seed=seed, family=family, **CHECKPOINTS[kind])
     return out
 
 
@@ -50,9 +51,13 @@ def build_batch(hf_dir: Path, pad_to_multiple: int = 2) -> dict:
 
 
 def hf_reference_logits(hf_dir: Path, batch: dict) -> torch.Tensor:
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    """transformers' logits, from the checkpoint's family class (by its config's model_type)."""
+    import json
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    from visurf_megatron.models.families import transformers_class
+
+    model_type = json.loads((Path(hf_dir) / "config.json").read_text())["model_type"]
+    model = transformers_class(model_type, "model").from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
     model.eval()
     with torch.no_grad():
         out = model(**batch)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write a tiny, random, fully local Qwen2.5-VL Hugging Face checkpoint directory.
+"""Write a tiny, random, fully local Qwen2.5-VL (or, ``--family qwen2_vl``, Qwen2-VL) HF checkpoint directory.
 
 The directory loads with no network through
 ``transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(dir)``,
@@ -240,6 +240,7 @@ class TinySpec:
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 4096
     tied: bool = False
+    family: str = "qwen2_5_vl"  # the model_type; qwen2_vl ignores window_size / fullatt_block_indexes
 
 
 def default_mrope_section(head_dim: int) -> list[int]:
@@ -254,9 +255,10 @@ def default_mrope_section(head_dim: int) -> list[int]:
 def build_config(
     spec: TinySpec, token_ids: dict[str, int], tokenizer_len: int, dtype: torch.dtype = torch.float32
 ):
-    """The ``Qwen2_5_VLConfig`` for ``spec``; ``token_ids`` maps the special token strings to ids and
-    ``tokenizer_len`` is the tokenizer's length (``spec.vocab_size`` must cover it)."""
-    from transformers import Qwen2_5_VLConfig
+    """The ``Qwen2_5_VLConfig`` / ``Qwen2VLConfig`` (``spec.family``) for ``spec``; ``token_ids`` maps the
+    special token strings to ids and ``tokenizer_len`` is the tokenizer's length (``spec.vocab_size``
+    must cover it)."""
+    from visurf_megatron.models.families import transformers_class
 
     if spec.hidden % spec.heads:
         raise ValueError(f"hidden {spec.hidden} not divisible by heads {spec.heads}")
@@ -285,8 +287,23 @@ def build_config(
     if spec.vocab_size < tokenizer_len:
         raise ValueError(f"vocab_size {spec.vocab_size} < tokenizer length {tokenizer_len}")
 
+    vision_qwen25 = dict(
+        depth=spec.vision_depth, hidden_size=spec.vision_hidden, hidden_act="silu",
+        intermediate_size=spec.vision_intermediate, num_heads=spec.vision_heads, in_channels=3, patch_size=patch,
+        spatial_merge_size=merge, temporal_patch_size=2, tokens_per_second=2, window_size=spec.window_size,
+        out_hidden_size=spec.hidden, fullatt_block_indexes=fullatt, initializer_range=0.02,
+    )
+    if spec.family == "qwen2_vl" and spec.vision_intermediate % spec.vision_hidden:
+        raise ValueError(f"qwen2_vl: vision_intermediate {spec.vision_intermediate} must be a multiple of "
+                         f"vision_hidden {spec.vision_hidden} (Qwen2-VL declares an integer mlp_ratio)")
+    # Qwen2-VL: the tower's width is embed_dim, hidden_size is the merger's output, MLP = mlp_ratio x.
+    vision_qwen2 = dict(
+        depth=spec.vision_depth, embed_dim=spec.vision_hidden, hidden_size=spec.hidden, hidden_act="quick_gelu",
+        mlp_ratio=spec.vision_intermediate // spec.vision_hidden, num_heads=spec.vision_heads, in_channels=3,
+        patch_size=patch, spatial_merge_size=merge, temporal_patch_size=2, initializer_range=0.02,
+    )
     eot, im_end = token_ids["<|endoftext|>"], token_ids["<|im_end|>"]
-    cfg = Qwen2_5_VLConfig(
+    cfg = transformers_class(spec.family, "config")(
         text_config=dict(
             vocab_size=spec.vocab_size,
             hidden_size=spec.hidden,
@@ -307,22 +324,7 @@ def build_config(
             eos_token_id=im_end,
             pad_token_id=eot,
         ),
-        vision_config=dict(
-            depth=spec.vision_depth,
-            hidden_size=spec.vision_hidden,
-            hidden_act="silu",
-            intermediate_size=spec.vision_intermediate,
-            num_heads=spec.vision_heads,
-            in_channels=3,
-            patch_size=patch,
-            spatial_merge_size=merge,
-            temporal_patch_size=2,
-            tokens_per_second=2,
-            window_size=spec.window_size,
-            out_hidden_size=spec.hidden,
-            fullatt_block_indexes=fullatt,
-            initializer_range=0.02,
-        ),
+        vision_config=vision_qwen2 if spec.family == "qwen2_vl" else vision_qwen25,
         image_token_id=token_ids["<|image_pad|>"],
         video_token_id=token_ids["<|video_pad|>"],
         vision_start_token_id=token_ids["<|vision_start|>"],
@@ -372,17 +374,17 @@ def build_image_processor(min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 *
     )
 
 
-def build_processor(tokenizer, image_processor):
-    """An in-memory Qwen2.5-VL processor (see ``visurf_megatron.rollout.processor.build_processor``)
-    with the official chat template."""
-    return _build_processor(tokenizer, image_processor, chat_template=CHAT_TEMPLATE)
+def build_processor(tokenizer, image_processor, family: str = "qwen2_5_vl"):
+    """An in-memory Qwen2.5-VL / Qwen2-VL processor (see ``visurf_megatron.rollout.processor.build_processor``)
+    with the official chat template (the same for both families)."""
+    return _build_processor(tokenizer, image_processor, chat_template=CHAT_TEMPLATE, model_type=family)
 
 
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def save_processor_files(out: Path, tokenizer, image_processor) -> None:
+def save_processor_files(out: Path, tokenizer, image_processor, family: str = "qwen2_5_vl") -> None:
     """Write the tokenizer / image-processor / processor files the way a Hub Qwen2.5-VL repo and
     transformers 5.20.2's ``Qwen2_5_VLProcessor.save_pretrained`` lay them out.
 
@@ -391,7 +393,9 @@ def save_processor_files(out: Path, tokenizer, image_processor) -> None:
     inferring ``Qwen2VLVideoProcessor`` from ``Qwen2VLImageProcessor``) and ``processor_config.json``
     (v5 nested form, ``processor_class: Qwen2_5_VLProcessor``).
     """
-    processor_class = "Qwen2_5_VLProcessor"
+    from visurf_megatron.models.families import family as model_family
+
+    processor_class = model_family(family).hf_processor_class
     if hasattr(tokenizer, "_set_processor_class"):
         tokenizer._set_processor_class(processor_class)
     tokenizer.save_pretrained(out)
@@ -433,13 +437,16 @@ def make_tiny_checkpoint(
     init_std: float = 0.02,
     min_pixels: int = 56 * 56,
     max_pixels: int = 28 * 28 * 256,
+    family: str = "qwen2_5_vl",
 ) -> Path:
     """Write the tiny checkpoint to ``output_dir`` (created if needed) and return its path.
 
     ``max_shard_size`` (e.g. ``"200KB"`` or a byte count) shards the safetensors and writes
     ``model.safetensors.index.json``; ``None`` writes one ``model.safetensors``.
     """
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import GenerationConfig
+
+    from visurf_megatron.models.families import transformers_class
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -465,10 +472,11 @@ def make_tiny_checkpoint(
         fullatt_block_indexes=tuple(fullatt_block_indexes) if fullatt_block_indexes is not None else None,
         mrope_section=tuple(mrope_section) if mrope_section is not None else None,
         tied=tied,
+        family=family,
     )
     config = build_config(spec, token_ids, len(tokenizer), torch_dtype)
 
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = transformers_class(family, "model")(config)
     init_weights(model, seed, std=init_std)
     model = model.to(torch_dtype).eval()
     eot, im_end = token_ids["<|endoftext|>"], token_ids["<|im_end|>"]
@@ -486,7 +494,7 @@ def make_tiny_checkpoint(
         save_kwargs["max_shard_size"] = "100GB"
     model.save_pretrained(out, **save_kwargs)
 
-    save_processor_files(out, tokenizer, build_image_processor(min_pixels, max_pixels))
+    save_processor_files(out, tokenizer, build_image_processor(min_pixels, max_pixels), family)
     return out
 
 
@@ -534,6 +542,8 @@ def _parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="comma-separated t,h,w rotary sections summing to head_dim/2 (unset: derived, 2,3,3 for head_dim 16)",
     )
+    p.add_argument("--family", choices=["qwen2_5_vl", "qwen2_vl"], default="qwen2_5_vl",
+                   help="model_type to write: Qwen2.5-VL or Qwen2-VL (%(default)s)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the saved weights (%(default)s)")
     p.add_argument(
         "--max-shard-size",
@@ -570,8 +580,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         init_std=a.init_std,
         min_pixels=a.min_pixels,
         max_pixels=a.max_pixels,
+        family=a.family,
     )
-    print(f"wrote tiny Qwen2.5-VL checkpoint to {out}")
+    print(f"wrote tiny {a.family} checkpoint to {out}")
     return 0
 
 

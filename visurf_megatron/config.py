@@ -135,6 +135,9 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     micro_batch_size: int = 1
+    # 0 = off: padded micro-batches of micro_batch_size rows. N > 0: each micro-batch packs whole rows
+    # into one stream of N tokens (training/packing.py; micro_batch_size is then unused).
+    max_tokens_per_micro_batch: int = 0
     mini_batches_per_step: int = 1
     epochs_per_batch: int = 1
     seed: int = 42
@@ -377,6 +380,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         raise ConfigError(f"train.lr must be > 0, got {cfg.train.lr}")
     if cfg.train.steps < 0:
         raise ConfigError(f"train.steps must be >= 0, got {cfg.train.steps}")
+    if cfg.train.max_tokens_per_micro_batch < 0:
+        raise ConfigError("train.max_tokens_per_micro_batch must be 0 (off: padded micro-batches) or a token "
+                          f"budget > 0, got {cfg.train.max_tokens_per_micro_batch}")
     return cfg
 
 

@@ -112,7 +112,7 @@ def parity_world(hf_dirs, batches, layouts):
                 extra += [f"{naming}:{k}" for k in sorted(set(gathered) - set(original))]
             results.append({"kind": kind, "layout": (tp, pp, sp), "logits": logits, "grads": grads, "logp": logp,
                             "roundtrip_mismatch": mismatched, "roundtrip_extra": extra,
-                            "has_vision": model.vision_model is not None})
+                            "has_vision": model.vision_model is not None, "family": extras.model_type})
     return results
 
 

@@ -1,4 +1,5 @@
-"""Megatron Qwen2.5-VL == transformers Qwen2.5-VL, under every parallel layout, and the mapping round trip."""
+"""Megatron Qwen2.5-VL == transformers Qwen2.5-VL (and Qwen2-VL == Qwen2-VL), under every parallel layout,
+and the mapping round trip."""
 import pytest
 import torch
 
@@ -8,13 +9,22 @@ from visurf_megatron.runtime.spawn import run_world
 from .qwen_world import parity_world
 
 
-@pytest.fixture(scope="module")
-def references(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qwen")
-    dirs = {kind: build_checkpoint(root, kind) for kind in ("untied", "tied")}
+def _references(root, family):
+    dirs = {kind: build_checkpoint(root, kind, family=family) for kind in ("untied", "tied")}
     batches = {kind: build_batch(d) for kind, d in dirs.items()}
     logits = {kind: hf_reference_logits(dirs[kind], batches[kind]) for kind in dirs}
     return dirs, batches, logits
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    return _references(tmp_path_factory.mktemp("qwen"), "qwen2_5_vl")
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl_references(tmp_path_factory):
+    """The same checks on the other family: Qwen2-VL (LayerNorm vision blocks, fc1/fc2 MLP, no windows)."""
+    return _references(tmp_path_factory.mktemp("qwen2_vl"), "qwen2_vl")
 
 
 def _check(results, references, expected_layouts):
@@ -44,6 +54,7 @@ def _check(results, references, expected_layouts):
             assert ours.shape == ref.shape
             max_abs = (ours - ref).abs().max().item()
             cosine = torch.nn.functional.cosine_similarity(ours, ref, dim=-1).min().item()
+            print(f"{r.get('family')} {kind} {layout}: max |logit diff| {max_abs:.3g}, min cosine {cosine:.7f}")
             assert max_abs <= 1e-4, f"{kind} {layout}: max |logit diff| {max_abs}"
             assert cosine >= 0.9999, f"{kind} {layout}: min cosine {cosine}"
     assert seen == {(k, l) for k in references[0] for l in expected_layouts}
@@ -63,3 +74,19 @@ def test_tp2_x_pp2_sequence_parallel_matches_transformers(references):
     layouts = [(2, 2, True)]
     results = run_world(parity_world, 4, dirs, batches, layouts, timeout_s=600)
     _check(results, references, layouts)
+
+
+def test_qwen2_vl_tp1_tp2_sp_pp2_match_transformers(qwen2_vl_references):
+    dirs, batches, _ = qwen2_vl_references
+    layouts = [(1, 1, False), (2, 1, False), (2, 1, True), (1, 2, False)]
+    results = run_world(parity_world, 2, dirs, batches, layouts, timeout_s=600)
+    _check(results, qwen2_vl_references, layouts)
+    assert all(any(r["logits"] is not None for rr in results for r in rr if r["layout"] == l) for l in layouts)
+    assert all(r["family"] == "qwen2_vl" for rr in results for r in rr)
+
+
+def test_qwen2_vl_tp2_x_pp2_sequence_parallel_matches_transformers(qwen2_vl_references):
+    dirs, batches, _ = qwen2_vl_references
+    layouts = [(2, 2, True)]
+    results = run_world(parity_world, 4, dirs, batches, layouts, timeout_s=600)
+    _check(results, qwen2_vl_references, layouts)

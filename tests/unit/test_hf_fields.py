@@ -12,7 +12,7 @@ import functools
 import json
 
 import pytest
-from transformers import Qwen2_5_VLConfig
+from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
 from tests.unit.test_qwen_config import HUB
 from visurf_megatron.models.qwen2_5_vl.config import configs_from_hf, load_hf_config
@@ -24,19 +24,34 @@ from visurf_megatron.models.qwen2_5_vl.hf_fields import (
 )
 
 
+def _qwen2_vision_view(vision) -> dict:
+    """transformers' Qwen2VLVisionConfig in Qwen2.5-VL's terms, as its modeling code uses the fields:
+    blocks of width ``embed_dim`` with an ``int(embed_dim * mlp_ratio)`` MLP, a merger to
+    ``hidden_size``, every block full attention."""
+    return {"depth": vision.depth, "hidden_size": vision.embed_dim, "hidden_act": vision.hidden_act,
+            "intermediate_size": int(vision.embed_dim * vision.mlp_ratio), "num_heads": vision.num_heads,
+            "in_channels": vision.in_channels, "patch_size": vision.patch_size,
+            "spatial_merge_size": vision.spatial_merge_size, "temporal_patch_size": vision.temporal_patch_size,
+            "tokens_per_second": 0, "window_size": 0, "out_hidden_size": vision.hidden_size,
+            "fullatt_block_indexes": tuple(range(vision.depth))}
+
+
 def _transformers_view(data: dict) -> dict:
-    """The same fields, as transformers' config object gives them."""
-    hf = Qwen2_5_VLConfig(**{k: v for k, v in copy.deepcopy(data).items() if k not in ("architectures", "transformers_version")})
+    """The same fields, as transformers' config object (of the family of ``model_type``) gives them."""
+    config_class = Qwen2VLConfig if data.get("model_type") == "qwen2_vl" else Qwen2_5_VLConfig
+    hf = config_class(**{k: v for k, v in copy.deepcopy(data).items() if k not in ("architectures", "transformers_version")})
     text, vision = hf.text_config, hf.vision_config
     rope, vision_rope = dict(text.rope_parameters or {}), dict(vision.rope_parameters or {})
     section = rope.get("mrope_section")
+    vision_view = (_qwen2_vision_view(vision) if hf.model_type == "qwen2_vl" else
+                   {**{k: getattr(vision, k) for k in VISION_DEFAULTS}, "fullatt_block_indexes": tuple(vision.fullatt_block_indexes)})
     return {
         "text": {**{k: getattr(text, k) for k in TEXT_DEFAULTS}, "rope_theta": float(rope["rope_theta"]),
                  "mrope_section": tuple(section) if section is not None else None},
-        "vision": {**{k: getattr(vision, k) for k in VISION_DEFAULTS}, "rope_theta": float(vision_rope["rope_theta"]),
-                   "fullatt_block_indexes": tuple(vision.fullatt_block_indexes)},
+        "vision": {**vision_view, "rope_theta": float(vision_rope["rope_theta"])},
         "tie_word_embeddings": bool(hf.tie_word_embeddings),
         **{k: getattr(hf, k) for k in TOP_DEFAULTS},
+        "model_type": hf.model_type,
     }
 
 
@@ -81,6 +96,36 @@ def _variants() -> dict[str, dict]:
     vision_rope = copy.deepcopy(seven)
     vision_rope["vision_config"]["rope_parameters"] = {"rope_type": "axial", "rope_theta": 20000.0}
     cases["vision-rope_parameters"] = vision_rope
+    cases.update(_qwen2_vl_variants())
+    return cases
+
+
+def qwen2_vl_hub_config(size: str) -> dict:
+    """Qwen2-VL-{2B,7B,72B}-Instruct's config.json: Qwen2.5-VL's text layout (model_type qwen2_vl) and
+    Qwen2-VL's vision_config (embed_dim, mlp_ratio, hidden_size = the language width)."""
+    hidden, layers, heads, kv, intermediate, vocab, tied = {
+        "2B": (1536, 28, 12, 2, 8960, 151936, True), "7B": (3584, 28, 28, 4, 18944, 152064, False),
+        "72B": (8192, 80, 64, 8, 29568, 152064, False)}[size]
+    cfg = copy.deepcopy(HUB["7B"])
+    cfg.update(architectures=["Qwen2VLForConditionalGeneration"], model_type="qwen2_vl", hidden_size=hidden,
+               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+               intermediate_size=intermediate, vocab_size=vocab, tie_word_embeddings=tied,
+               max_position_embeddings=32768)
+    cfg["vision_config"] = {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
+                            "hidden_size": hidden, "patch_size": 14, "spatial_merge_size": 2,
+                            "spatial_patch_size": 14, "temporal_patch_size": 2}
+    return cfg
+
+
+def _qwen2_vl_variants() -> dict[str, dict]:
+    cases = {f"qwen2_vl-hub-{size}": qwen2_vl_hub_config(size) for size in ("2B", "7B", "72B")}
+    cases["qwen2_vl-nested-7B"] = Qwen2VLConfig(**{k: v for k, v in qwen2_vl_hub_config("7B").items()
+                                                   if k not in ("architectures", "transformers_version")}).to_dict()
+    cases["qwen2_vl-defaults-only"] = {"model_type": "qwen2_vl"}
+    alias = qwen2_vl_hub_config("7B")
+    alias["vision_config"] = {k: v for k, v in alias["vision_config"].items() if k != "num_heads"}
+    alias["vision_config"].update(num_attention_heads=8, hidden_act="gelu", mlp_ratio=2)
+    cases["qwen2_vl-vision-alias-act-ratio"] = alias
     return cases
 
 
@@ -120,7 +165,7 @@ def test_megatron_configs_are_the_same_from_transformers_object_and_dict():
     ({"vision_config": {"fullatt_block_indexes": [7, "x"]}}, r"vision_config.fullatt_block_indexes"),
     ({"text_config": [1, 2]}, r"text_config and vision_config must be objects"),
     ({"rope_scaling": "mrope"}, r"rope parameters must be a dict"),
-    ({"model_type": "qwen2_vl"}, r"expected a qwen2_5_vl config"),
+    ({"model_type": "qwen3_vl"}, r"unsupported model_type='qwen3_vl': supported are qwen2_5_vl, qwen2_vl"),
 ])
 def test_bad_values_are_named(patch, message):
     data = {**copy.deepcopy(HUB["7B"]), **patch}

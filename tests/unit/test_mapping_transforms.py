@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from tests.qwen_fixtures import build_checkpoint
-from visurf_megatron.checkpoint.mapping import QWEN25_VL_MAPPING, hub_name, inmemory_name, lookup
+from visurf_megatron.checkpoint.mapping import MAPPINGS, QWEN25_VL_MAPPING, hub_name, inmemory_name, lookup
 from visurf_megatron.checkpoint.transforms import (
     GatedMLP,
     GroupedQKV,
@@ -322,10 +322,19 @@ def test_hub_and_inmemory_names_are_inverse(hub, mem):
 # The table against real tiny checkpoints
 
 
+# Qwen2.5-VL checkpoints are keyed by kind; the other family's as "<model_type>:<kind>".
+KINDS = ["untied", "tied", "qwen2_vl:untied", "qwen2_vl:tied"]
+
+
+def _family_kind(key: str) -> tuple[str, str]:
+    family, _, kind = key.rpartition(":")
+    return family or "qwen2_5_vl", kind
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("mapping")
-    return {kind: build_checkpoint(root, kind) for kind in ("untied", "tied")}
+    return {key: build_checkpoint(root, _family_kind(key)[1], family=_family_kind(key)[0]) for key in KINDS}
 
 
 def _safetensors(d):
@@ -336,10 +345,10 @@ def _safetensors(d):
     return out
 
 
-def _expanded_entries(tied: bool, text_layers: int, vision_depth: int):
+def _expanded_entries(tied: bool, text_layers: int, vision_depth: int, table=QWEN25_VL_MAPPING):
     """(megatron name, hf names, entry) for every table entry of a model of this depth."""
     out = []
-    for e in QWEN25_VL_MAPPING:
+    for e in table:
         if e.when is not None and (e.when == "tied") != tied:
             continue
         if e.megatron.startswith("language_model.decoder.layers.*"):
@@ -354,31 +363,36 @@ def _expanded_entries(tied: bool, text_layers: int, vision_depth: int):
     return out
 
 
-@pytest.mark.parametrize("kind", ["untied", "tied"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_table_covers_every_tensor_of_a_real_checkpoint(checkpoints, kind):
     d = checkpoints[kind]
+    family, kind = _family_kind(kind)
     cfg = json.loads((d / "config.json").read_text())
+    assert cfg["model_type"] == family
     tied = kind == "tied"
     assert cfg["tie_word_embeddings"] is tied
     tensors = _safetensors(d)
-    entries = _expanded_entries(tied, cfg["text_config"]["num_hidden_layers"], cfg["vision_config"]["depth"])
+    entries = _expanded_entries(tied, cfg["text_config"]["num_hidden_layers"], cfg["vision_config"]["depth"],
+                                MAPPINGS[family])
     exported = {h for _, hf, e in entries if e.export for h in hf}
     assert exported == set(tensors), (sorted(set(tensors) - exported), sorted(exported - set(tensors)))
     assert ("lm_head.weight" in tensors) is not tied
     # every expanded megatron name resolves back through lookup to the same HF names
     for meg, hf, entry in entries:
-        r = lookup(meg, tied)
+        r = lookup(meg, tied, family)
         assert r.hf_names == hf and r.mapping is entry
 
 
-@pytest.mark.parametrize("kind", ["untied", "tied"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_table_round_trips_a_real_checkpoint_bit_exactly(checkpoints, kind):
     from visurf_megatron.models.qwen2_5_vl.config import ParallelLayout, configs_from_hf
 
     d = checkpoints[kind]
+    family, kind = _family_kind(kind)
     cfg = json.loads((d / "config.json").read_text())
     tensors = _safetensors(d)
-    entries = _expanded_entries(kind == "tied", cfg["text_config"]["num_hidden_layers"], cfg["vision_config"]["depth"])
+    entries = _expanded_entries(kind == "tied", cfg["text_config"]["num_hidden_layers"], cfg["vision_config"]["depth"],
+                                MAPPINGS[family])
     for tp in (1, 2):
         _, _, extras = configs_from_hf(d, ParallelLayout(tp=tp))
         ctx = MappingContext.from_extras(extras)
@@ -394,10 +408,11 @@ def test_table_round_trips_a_real_checkpoint_bit_exactly(checkpoints, kind):
 
 
 def test_hub_name_maps_transformers_state_dict_to_checkpoint_keys(checkpoints):
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from visurf_megatron.models.families import transformers_class
 
-    for kind, d in checkpoints.items():
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(d)
+    for key, d in checkpoints.items():
+        family, kind = _family_kind(key)
+        model = transformers_class(family, "model").from_pretrained(d)
         in_memory = set(model.state_dict())
         assert any(k.startswith("model.language_model.") for k in in_memory)  # the naming really differs
         on_disk = set(_safetensors(d))
@@ -406,3 +421,21 @@ def test_hub_name_maps_transformers_state_dict_to_checkpoint_keys(checkpoints):
             mapped.discard("lm_head.weight")  # tied: the state dict repeats the embedding as lm_head
         assert mapped == on_disk
         assert {inmemory_name(k) for k in on_disk} <= in_memory
+
+
+def test_the_families_differ_only_in_the_vision_norms_and_mlp():
+    """Language model, vision attention and merger MLP are one shared block of the table."""
+    qwen25, qwen2 = ({(e.megatron, e.when): e for e in MAPPINGS[f]} for f in ("qwen2_5_vl", "qwen2_vl"))
+    shared = {k for k in qwen25 if qwen25[k] is qwen2.get(k)}
+    differ = sorted(m for m, _ in (set(qwen25) | set(qwen2)) - shared)
+    assert all(m.startswith(("vision_model.decoder.layers.*.", "vision_model.merger.ln_q.")) for m in differ), differ
+    assert not any("self_attention.linear_qkv.weight" in m or "linear_proj" in m for m in differ)
+    assert lookup("vision_model.decoder.layers.2.mlp.linear_fc1.weight", False, "qwen2_vl").hf_names == (
+        "visual.blocks.2.mlp.fc1.weight",)
+    assert lookup("vision_model.merger.ln_q.bias", True, "qwen2_vl").hf_names == ("visual.merger.ln_q.bias",)
+    assert lookup("vision_model.decoder.layers.0.self_attention.linear_qkv.layer_norm_bias", False,
+                  "qwen2_vl").hf_names == ("visual.blocks.0.norm1.bias",)
+    with pytest.raises(KeyError, match="no HF mapping"):
+        lookup("vision_model.merger.ln_q.bias", False)  # RMSNorm: Qwen2.5-VL has no norm bias
+    with pytest.raises(ValueError, match="unsupported model_type='qwen3_vl'"):
+        lookup("vision_model.merger.ln_q.weight", False, "qwen3_vl")

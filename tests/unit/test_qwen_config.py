@@ -211,8 +211,8 @@ def test_mrope_section_must_cover_half_the_head_dim():
 
 def test_wrong_model_type_and_missing_file(tmp_path):
     cfg = copy.deepcopy(HUB["7B"])
-    cfg["model_type"] = "qwen2_vl"
-    with pytest.raises(ValueError, match=r"expected a qwen2_5_vl config, got model_type='qwen2_vl'"):
+    cfg["model_type"] = "llava"  # qwen2_vl is a supported family now (test_qwen2_vl_family.py)
+    with pytest.raises(ValueError, match=r"unsupported model_type='llava': supported are qwen2_5_vl, qwen2_vl"):
         configs_from_hf(cfg)
     with pytest.raises(FileNotFoundError, match="no Qwen2.5-VL config"):
         configs_from_hf(tmp_path)

@@ -267,3 +267,31 @@ def test_cli_help_and_run(tmp_path, capsys):
                    check=True, env=env, cwd=tmp_path, capture_output=True)
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
     assert (out / "tokenizer.json").exists() and (out / "processor_config.json").exists()
+
+
+def test_qwen2_vl_family_from_the_cli(tmp_path):
+    """``--family qwen2_vl``: a Qwen2-VL checkpoint (its vision config, Hub names, processor class) that
+    transformers' Auto classes load offline and run on images."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    out = tmp_path / "qwen2_vl"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "make_tiny_checkpoint.py"), str(out), "--family",
+                           "qwen2_vl", "--seed", "1"], check=True, env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert "wrote tiny qwen2_vl checkpoint" in done.stdout
+    cfg = AutoConfig.from_pretrained(out)
+    v = cfg.vision_config
+    assert cfg.model_type == "qwen2_vl" and type(cfg).__name__ == "Qwen2VLConfig"
+    assert (v.depth, v.embed_dim, v.mlp_ratio, v.hidden_size, v.hidden_act) == (4, 32, 2, 64, "quick_gelu")
+    keys = _safetensors_keys(out)
+    assert {"visual.blocks.0.mlp.fc1.weight", "visual.blocks.0.norm1.bias", "visual.merger.ln_q.bias"} <= set(keys)
+    assert not any("gate_proj" in k and k.startswith("visual.") for k in keys)
+    assert json.loads((out / "processor_config.json").read_text())["processor_class"] == "Qwen2VLProcessor"
+    processor = load_processor(out)
+    assert type(processor).__name__ == "Qwen2VLProcessor"
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    text = processor.apply_chat_template(_messages("where is it?"), add_generation_prompt=True)
+    batch = processor(text=[text], images=_images()[:1], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()

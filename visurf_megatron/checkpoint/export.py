@@ -61,7 +61,7 @@ def hf_layout(model_chunks) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     out = []
     for stage in range(parallel_state.get_pipeline_model_parallel_world_size()):
         for name, shape, dtype in by_position[(stage, 0, 0)]:
-            entry = lookup(name, ctx.tie_word_embeddings)
+            entry = lookup(name, ctx.tie_word_embeddings, ctx.model_type)
             shapes = entry.mapping.transform.hf_shapes(shape, tp, ctx)
             out.extend((h, hf_shape, getattr(torch, dtype)) for h, hf_shape in zip(entry.hf_names, shapes))
     return out

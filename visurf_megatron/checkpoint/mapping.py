@@ -1,4 +1,7 @@
-"""The one HF <-> Megatron parameter mapping for Qwen2.5-VL, declared once as a table.
+"""The one HF <-> Megatron parameter mapping for Qwen2.5-VL and Qwen2-VL, declared once as a table.
+
+The families share the language model, the vision attention and the merger's MLP; their tables differ
+only in the vision norms and MLP (``_QWEN25_VISION`` / ``_QWEN2_VISION`` below), chosen by ``model_type``.
 
 Each entry names a megatron parameter (``*`` = layer index), the HF tensors it is made of (same
 ``*``), and a transform (``transforms.py``) that serves both directions.
@@ -15,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from ..models.families import DEFAULT_MODEL_TYPE, family
 from .transforms import COLUMN, REPLICATED, ROW, GatedMLP, GroupedQKV, MappingContext, Replicated, VocabSplit
 
 
@@ -38,8 +42,7 @@ _HF_LM = "model.layers.*."
 _VIS = "vision_model.decoder.layers.*."
 _HF_VIS = "visual.blocks.*."
 
-QWEN25_VL_MAPPING: tuple[ParamMapping, ...] = (
-    # language model
+_LANGUAGE: tuple[ParamMapping, ...] = (  # shared by both families
     ParamMapping("language_model.embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VocabSplit()),
     ParamMapping(_LM + "input_layernorm.weight", (_HF_LM + "input_layernorm.weight",), REPLICATED),
     ParamMapping(_LM + "self_attention.linear_qkv.layer_norm_weight", (_HF_LM + "input_layernorm.weight",), REPLICATED),
@@ -56,26 +59,61 @@ QWEN25_VL_MAPPING: tuple[ParamMapping, ...] = (
     ParamMapping("language_model.output_layer.weight", ("lm_head.weight",), VocabSplit(), when="untied"),
     ParamMapping("language_model.output_layer.weight", ("model.embed_tokens.weight",), VocabSplit(),
                  when="tied", export=False),
-    # vision tower
+)
+
+_VISION_ATTENTION: tuple[ParamMapping, ...] = (  # shared: patch embedding, fused qkv, output projection
     ParamMapping("vision_model.patch_embed.proj.weight", ("visual.patch_embed.proj.weight",), REPLICATED),
-    ParamMapping(_VIS + "input_layernorm.weight", (_HF_VIS + "norm1.weight",), REPLICATED),
-    ParamMapping(_VIS + "self_attention.linear_qkv.layer_norm_weight", (_HF_VIS + "norm1.weight",), REPLICATED),
     ParamMapping(_VIS + "self_attention.linear_qkv.weight", (_HF_VIS + "attn.qkv.weight",), GroupedQKV("vision")),
     ParamMapping(_VIS + "self_attention.linear_qkv.bias", (_HF_VIS + "attn.qkv.bias",), GroupedQKV("vision")),
     ParamMapping(_VIS + "self_attention.linear_proj.weight", (_HF_VIS + "attn.proj.weight",), ROW),
     ParamMapping(_VIS + "self_attention.linear_proj.bias", (_HF_VIS + "attn.proj.bias",), REPLICATED),
-    ParamMapping(_VIS + "pre_mlp_layernorm.weight", (_HF_VIS + "norm2.weight",), REPLICATED),
-    ParamMapping(_VIS + "mlp.linear_fc1.layer_norm_weight", (_HF_VIS + "norm2.weight",), REPLICATED),
-    ParamMapping(_VIS + "mlp.linear_fc1.weight", (_HF_VIS + "mlp.gate_proj.weight", _HF_VIS + "mlp.up_proj.weight"), GatedMLP()),
-    ParamMapping(_VIS + "mlp.linear_fc1.bias", (_HF_VIS + "mlp.gate_proj.bias", _HF_VIS + "mlp.up_proj.bias"), GatedMLP()),
-    ParamMapping(_VIS + "mlp.linear_fc2.weight", (_HF_VIS + "mlp.down_proj.weight",), ROW),
-    ParamMapping(_VIS + "mlp.linear_fc2.bias", (_HF_VIS + "mlp.down_proj.bias",), REPLICATED),
-    ParamMapping("vision_model.merger.ln_q.weight", ("visual.merger.ln_q.weight",), REPLICATED),
+)
+
+_MERGER_MLP: tuple[ParamMapping, ...] = (  # shared: the merger's Linear -> GELU -> Linear
     ParamMapping("vision_model.merger.linear_fc1.weight", ("visual.merger.mlp.0.weight",), COLUMN),
     ParamMapping("vision_model.merger.linear_fc1.bias", ("visual.merger.mlp.0.bias",), COLUMN),
     ParamMapping("vision_model.merger.linear_fc2.weight", ("visual.merger.mlp.2.weight",), ROW),
     ParamMapping("vision_model.merger.linear_fc2.bias", ("visual.merger.mlp.2.bias",), REPLICATED),
 )
+
+
+def _norm(megatron: tuple[str, ...], hf: str, bias: bool) -> tuple[ParamMapping, ...]:
+    """A norm's weight (and bias: LayerNorm) under each megatron name it has (local spec: its own
+    module; Transformer Engine: fused into the next linear as ``layer_norm_*``)."""
+    kinds = ("weight", "bias") if bias else ("weight",)
+    return tuple(ParamMapping(m.format(kind), (f"{hf}.{kind}",), REPLICATED) for kind in kinds for m in megatron)
+
+
+_NORM1 = (_VIS + "input_layernorm.{}", _VIS + "self_attention.linear_qkv.layer_norm_{}")
+_NORM2 = (_VIS + "pre_mlp_layernorm.{}", _VIS + "mlp.linear_fc1.layer_norm_{}")
+_LN_Q = ("vision_model.merger.ln_q.{}",)
+
+# What the families do differently, side by side (``models/families.py``).
+_QWEN25_VISION: tuple[ParamMapping, ...] = (  # RMSNorm (weight only), gated SiLU MLP
+    *_norm(_NORM1, _HF_VIS + "norm1", bias=False),
+    *_norm(_NORM2, _HF_VIS + "norm2", bias=False),
+    ParamMapping(_VIS + "mlp.linear_fc1.weight", (_HF_VIS + "mlp.gate_proj.weight", _HF_VIS + "mlp.up_proj.weight"), GatedMLP()),
+    ParamMapping(_VIS + "mlp.linear_fc1.bias", (_HF_VIS + "mlp.gate_proj.bias", _HF_VIS + "mlp.up_proj.bias"), GatedMLP()),
+    ParamMapping(_VIS + "mlp.linear_fc2.weight", (_HF_VIS + "mlp.down_proj.weight",), ROW),
+    ParamMapping(_VIS + "mlp.linear_fc2.bias", (_HF_VIS + "mlp.down_proj.bias",), REPLICATED),
+    *_norm(_LN_Q, "visual.merger.ln_q", bias=False),
+)
+_QWEN2_VISION: tuple[ParamMapping, ...] = (  # LayerNorm (weight and bias), fc1 -> quick_gelu -> fc2
+    *_norm(_NORM1, _HF_VIS + "norm1", bias=True),
+    *_norm(_NORM2, _HF_VIS + "norm2", bias=True),
+    ParamMapping(_VIS + "mlp.linear_fc1.weight", (_HF_VIS + "mlp.fc1.weight",), COLUMN),
+    ParamMapping(_VIS + "mlp.linear_fc1.bias", (_HF_VIS + "mlp.fc1.bias",), COLUMN),
+    ParamMapping(_VIS + "mlp.linear_fc2.weight", (_HF_VIS + "mlp.fc2.weight",), ROW),
+    ParamMapping(_VIS + "mlp.linear_fc2.bias", (_HF_VIS + "mlp.fc2.bias",), REPLICATED),
+    *_norm(_LN_Q, "visual.merger.ln_q", bias=True),
+)
+
+MAPPINGS: dict[str, tuple[ParamMapping, ...]] = {
+    "qwen2_5_vl": _LANGUAGE + _VISION_ATTENTION + _QWEN25_VISION + _MERGER_MLP,
+    "qwen2_vl": _LANGUAGE + _VISION_ATTENTION + _QWEN2_VISION + _MERGER_MLP,
+}
+QWEN25_VL_MAPPING = MAPPINGS["qwen2_5_vl"]
+QWEN2_VL_MAPPING = MAPPINGS["qwen2_vl"]
 
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
@@ -89,7 +127,7 @@ def _index(table) -> dict[tuple[str, bool], ParamMapping]:
     return out
 
 
-_BY_PATTERN = _index(QWEN25_VL_MAPPING)
+_BY_PATTERN = {model_type: _index(table) for model_type, table in MAPPINGS.items()}
 
 
 @dataclass(frozen=True)
@@ -102,12 +140,12 @@ class ResolvedParam:
     mapping: ParamMapping
 
 
-def lookup(global_name: str, tied: bool) -> ResolvedParam:
+def lookup(global_name: str, tied: bool, model_type: str = DEFAULT_MODEL_TYPE) -> ResolvedParam:
     match = _LAYER_RE.search(global_name)
     pattern = _LAYER_RE.sub(".layers.*.", global_name, count=1) if match else global_name
-    entry = _BY_PATTERN.get((pattern, tied))
+    entry = _BY_PATTERN[family(model_type).model_type].get((pattern, tied))
     if entry is None:
-        raise KeyError(f"no HF mapping for megatron parameter {global_name}")
+        raise KeyError(f"no HF mapping for megatron parameter {global_name} ({model_type})")
     layer = match.group(1) if match else None
     hf = tuple(h.replace("*", layer) if layer is not None else h for h in entry.hf)
     return ResolvedParam(global_name, global_name, hf, entry)
@@ -162,9 +200,9 @@ def resolve_params(model_chunks) -> list[tuple[ResolvedParam, torch.nn.Parameter
     out = []
     for chunk in model_chunks:
         model = unwrap(chunk)
-        tied = model.extras.tie_word_embeddings
+        tied, model_type = model.extras.tie_word_embeddings, model.extras.model_type
         for name, param in model.named_parameters():
-            resolved = lookup(_global_layer_name(model, name), tied)
+            resolved = lookup(_global_layer_name(model, name), tied, model_type)
             out.append((ResolvedParam(name, resolved.global_name, resolved.hf_names, resolved.mapping), param))
     return out
 

@@ -33,10 +33,12 @@ class MappingContext:
     vision_num_heads: int
     vision_head_dim: int
     tie_word_embeddings: bool
+    model_type: str = "qwen2_5_vl"  # the family, whose mapping table applies
 
     @classmethod
     def from_extras(cls, extras) -> "MappingContext":
         return cls(
+            model_type=extras.model_type,
             vocab_size=extras.vocab_size,
             padded_vocab_size=extras.padded_vocab_size,
             num_attention_heads=extras.num_attention_heads,

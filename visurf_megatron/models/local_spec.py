@@ -39,11 +39,31 @@ class RMSNorm(torch.nn.Module):
         return self.weight * x.to(dtype)
 
 
-def local_layer_spec() -> ModuleSpec:
-    """megatron's local GPT layer spec (separate norm + linear) with ``RMSNorm`` in both norm slots."""
+class LayerNorm(torch.nn.Module):
+    """torch's LayerNorm with weight and bias (Qwen2-VL's vision blocks and merger), computed in the
+    input dtype as transformers' ``nn.LayerNorm`` is; SP-aware like ``RMSNorm`` (megatron's
+    ``WrappedTorchNorm`` refuses sequence parallel)."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **_unused):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+        for param in (self.weight, self.bias):
+            setattr(param, "sequence_parallel", bool(config.sequence_parallel))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(hidden, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+NORMS = {"RMSNorm": RMSNorm, "LayerNorm": LayerNorm}
+
+
+def local_layer_spec(norm: str = "RMSNorm") -> ModuleSpec:
+    """megatron's local GPT layer spec (separate norm + linear) with our ``norm`` in both norm slots."""
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
-    spec.submodules.input_layernorm = RMSNorm
-    spec.submodules.pre_mlp_layernorm = RMSNorm
+    spec.submodules.input_layernorm = NORMS[norm]
+    spec.submodules.pre_mlp_layernorm = NORMS[norm]
     return spec
 
 

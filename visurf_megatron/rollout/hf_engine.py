@@ -95,14 +95,17 @@ class HFRolloutEngine:
         attn_implementation: str = "sdpa",
         processor=None,
     ):
-        from transformers import AutoConfig, GenerationConfig, Qwen2_5_VLForConditionalGeneration
+        from transformers import AutoConfig, GenerationConfig
+
+        from ..models.families import transformers_class
 
         self.checkpoint_dir = Path(checkpoint_dir)
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype
         config = AutoConfig.from_pretrained(self.checkpoint_dir)
+        # The family by model_type (Qwen2.5-VL or Qwen2-VL); another model_type is refused by name.
         with torch.device(self.device):
-            model = Qwen2_5_VLForConditionalGeneration._from_config(
+            model = transformers_class(config.model_type, "model")._from_config(
                 config, attn_implementation=attn_implementation, dtype=dtype
             )
         self.model = model.eval().requires_grad_(False)
@@ -133,7 +136,7 @@ class HFRolloutEngine:
             key = self._alias.get(candidate)
             if key is not None:
                 return key
-        raise KeyError(f"update_weights: {name!r} is not a tensor of Qwen2_5_VLForConditionalGeneration")
+        raise KeyError(f"update_weights: {name!r} is not a tensor of {type(self.model).__name__}")
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy each ``(hf_name, tensor)`` into the model (either HF naming; dtype/device converted).

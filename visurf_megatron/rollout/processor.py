@@ -16,11 +16,13 @@ from typing import Any, Optional
 from visurf_megatron.runtime.torchvision_shim import install_video_placeholder
 
 
-def build_processor(tokenizer, image_processor, chat_template: Optional[str] = None):
-    """An in-memory ``Qwen2_5_VLProcessor`` for ``tokenizer`` + ``image_processor`` (the stock video
-    processor where torchvision exists, else the placeholder). ``chat_template`` defaults to the
-    tokenizer's."""
-    from transformers import Qwen2_5_VLProcessor
+def build_processor(tokenizer, image_processor, chat_template: Optional[str] = None, model_type: str = "qwen2_5_vl"):
+    """An in-memory ``Qwen2_5_VLProcessor`` (or the processor of ``model_type``'s family, e.g.
+    ``Qwen2VLProcessor``) for ``tokenizer`` + ``image_processor`` (the stock video processor where
+    torchvision exists, else the placeholder). ``chat_template`` defaults to the tokenizer's."""
+    from visurf_megatron.models.families import transformers_class
+
+    processor_class = transformers_class(model_type, "processor")
 
     template = chat_template if chat_template is not None else tokenizer.chat_template
     if install_video_placeholder():
@@ -33,7 +35,7 @@ def build_processor(tokenizer, image_processor, chat_template: Optional[str] = N
         video = Qwen2VLVideoProcessor(patch_size=image_processor.patch_size,
                                       temporal_patch_size=image_processor.temporal_patch_size,
                                       merge_size=image_processor.merge_size)
-    return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video,
+    return processor_class(image_processor=image_processor, tokenizer=tokenizer, video_processor=video,
                                chat_template=template)
 
 

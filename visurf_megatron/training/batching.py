@@ -57,6 +57,18 @@ class MicroBatch:
     # [B, S] old-policy log-probs when the batch is split into several updates (else the current
     # ones, detached, are the old ones: ratio 1); padding rows hold zeros and are masked out.
     old_logp: Optional[torch.Tensor] = None
+    # Packed layout (``packing.collate_packed``): input_ids, labels and position_ids are one stream
+    # [1, T] of whole rows, then padding; what the loss reads (loss_mask, row_index, rows, old_logp)
+    # stays per row [R, L] as above, and ``pack_index`` [R, L] says where each row token sits in the
+    # stream, so the loss and its normalisers see exactly what the padded layout gives them.
+    pack_index: Optional[torch.Tensor] = None
+    cu_seqlens: Optional[torch.Tensor] = None  # int32 [K+1]: segment offsets (the rows, then the tail)
+    max_seqlen: Optional[int] = None  # longest segment (Transformer Engine's THD attention needs it)
+    image_embed_index: Optional[torch.Tensor] = None  # [image slots]: vision output row of each slot
+
+    @property
+    def packed(self) -> bool:
+        return self.pack_index is not None
 
     @property
     def real_rows(self) -> torch.Tensor:
@@ -151,10 +163,11 @@ def collate(
             loss_mask[b, prompt_len - 1 : len(seq) - 1] = 1.0
     labels = torch.roll(input_ids, -1, dims=1)
     labels[:, -1] = pad_id
-    pixels = [prompts[r.prompt].pixel_values for r in sources]
-    grids = [prompts[r.prompt].image_grid_thw for r in sources]
-    pixel_values = torch.cat(pixels) if pixels and pixels[0] is not None else None
-    image_grid_thw = torch.cat(grids) if grids and grids[0] is not None else None
+    # Text-only prompts (no pixels) may sit next to prompts with images.
+    with_images = [prompts[r.prompt] for r in sources
+                   if prompts[r.prompt].image_grid_thw is not None and len(prompts[r.prompt].image_grid_thw)]
+    pixel_values = torch.cat([p.pixel_values for p in with_images]) if with_images else None
+    image_grid_thw = torch.cat([p.image_grid_thw for p in with_images]) if with_images else None
     position_ids, _ = mrope_position_ids(
         input_ids, image_grid_thw, image_token_id=image_token_id, spatial_merge_size=spatial_merge_size,
         attention_mask=attention,

@@ -16,6 +16,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
 from .batching import MicroBatch
+from .packing import unpack_rows
 
 
 def vocab_parallel_logprobs(
@@ -72,7 +73,8 @@ def run_micro_batches(
 
     ``loss_fn(micro_batch, logp, entropy) -> (loss, outputs)`` runs on the last pipeline stage;
     the returned list holds each micro-batch's ``outputs`` there (empty on other stages).
-    All micro-batches must share one shape (see ``batching.padded_length``). Micro-batches may be
+    All micro-batches must share one shape (``batching.padded_length``, ``packing.stream_length``);
+    ``loss_fn`` always receives per-row [R, L] log-probs (packed streams are unpacked). Micro-batches may be
     anywhere (they are collated on the CPU): this is the one place that moves each of them to the
     model's device, and ``loss_fn`` receives the moved one. ``entropy_grad=False`` computes the
     entropy as a metric only (see ``vocab_parallel_logprobs``).
@@ -82,11 +84,18 @@ def run_micro_batches(
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator).to(model_device(model))
-        output = model(mb.input_ids, mb.position_ids, mb.pixel_values, mb.image_grid_thw, temperature=temperature)
+        packed = {}
+        if mb.packed:
+            packed = dict(cu_seqlens=mb.cu_seqlens, max_seqlen=mb.max_seqlen, image_embed_index=mb.image_embed_index)
+        output = model(mb.input_ids, mb.position_ids, mb.pixel_values, mb.image_grid_thw, temperature=temperature,
+                       **packed)
 
         def loss_func(logits):
             logp, entropy = vocab_parallel_logprobs(logits, mb.labels, with_entropy=with_entropy,
                                                     entropy_grad=entropy_grad)
+            if mb.packed:  # the stream [1, T] -> the per-row layout [R, L] the loss reads
+                logp = unpack_rows(logp, mb.pack_index)
+                entropy = unpack_rows(entropy, mb.pack_index) if entropy is not None else None
             loss, outputs = loss_fn(mb, logp, entropy)
             return loss, outputs
 

@@ -21,8 +21,9 @@ from megatron.core import parallel_state
 from visurf_megatron.data.gt_style import gt_style_names
 
 from . import experience
-from .batching import collate, padded_length, plan_micro_batches
+from .batching import padded_length
 from .forward import run_micro_batches
+from .packing import build_micro_batches
 
 AUTO = "auto"
 
@@ -34,8 +35,10 @@ def candidate_styles(styles: Sequence[str] | None = None) -> list[str]:
 
 def score_gt_styles(model_chunks, prompts, styles: Sequence[str], *, tokenizer, end_of_turn_id: int,
                     image_token_id: int, pad_id: int, spatial_merge_size: int, micro_batch_size: int,
-                    seq_multiple: int = 1) -> dict[str, float]:
-    """Mean teacher-forced total log-prob of the GT rendered in each style (see the module doc)."""
+                    seq_multiple: int = 1, max_tokens: int | None = None) -> dict[str, float]:
+    """Mean teacher-forced total log-prob of the GT rendered in each style (see the module doc).
+
+    ``max_tokens``: pack the rows into streams of that many tokens (``packing``), as the update does."""
     rows_by_style = {s: experience.build_rows(prompts, None, with_gt=True, gt_style=s, tokenizer=tokenizer,
                                               end_of_turn_id=end_of_turn_id) for s in styles}
     length = padded_length([r for rows in rows_by_style.values() for r in rows], prompts, seq_multiple)
@@ -48,9 +51,10 @@ def score_gt_styles(model_chunks, prompts, styles: Sequence[str], *, tokenizer, 
 
     for k, style in enumerate(styles):
         rows = rows_by_style[style]
-        micro = [collate(rows, idx, prompts, image_token_id=image_token_id, pad_id=pad_id,
-                         spatial_merge_size=spatial_merge_size, seq_length=length, micro_batch_size=micro_batch_size)
-                 for idx in plan_micro_batches(len(rows), micro_batch_size)]
+        # Forward only: no data-parallel collective depends on the micro-batch count here.
+        micro = build_micro_batches(rows, range(len(rows)), prompts, image_token_id=image_token_id, pad_id=pad_id,
+                                    spatial_merge_size=spatial_merge_size, micro_batch_size=micro_batch_size,
+                                    max_tokens=max_tokens, multiple=seq_multiple, row_width=length)
         with torch.no_grad():
             outputs = run_micro_batches(model_chunks, micro, row_logp, forward_only=True, temperature=1.0)
         if counts:

@@ -38,11 +38,12 @@ from visurf_megatron.rollout.sync import export_hf_weights, token_mult_prob_erro
 from visurf_megatron.runtime import setup_model_parallel
 
 from . import experience
-from .batching import collate, padded_length, plan_micro_batches, sequence_multiple
+from .batching import padded_length, sequence_multiple
 from .data_feed import PromptFeed, PromptPreparer
 from .forward import run_micro_batches
 from .gt_style_choice import AUTO, candidate_styles, score_gt_styles
 from .metrics import MetricSums, MetricsLogger
+from .packing import build_micro_batches
 from .optimizer import guarded_step, lr_at, set_lr, wrap_and_build_optimizer, zero_grads
 from .update_loss import attach_rows, update_loss_fn
 
@@ -227,6 +228,7 @@ class Trainer:
                                  end_of_turn_id=self.end_of_turn_id, image_token_id=self.extras.image_token_id,
                                  pad_id=self.pad_id, spatial_merge_size=self.extras.spatial_merge_size,
                                  micro_batch_size=self.cfg.train.micro_batch_size,
+                                 max_tokens=self.cfg.train.max_tokens_per_micro_batch,
                                  seq_multiple=sequence_multiple(par.tp, par.sequence_parallel, bool(self.cfg.model.fp8)))
         self.gt_style = best_gt_style(scores)
         self.gt_style_scores = scores
@@ -263,19 +265,26 @@ class Trainer:
             dummy = False
         multiple = sequence_multiple(cfg.parallel.tp, cfg.parallel.sequence_parallel, bool(cfg.model.fp8))
         length = padded_length([rows[i] for i in train_rows], prompts, multiple)
-        mbs = cfg.train.micro_batch_size
         mini_batches = [train_rows[i::cfg.train.mini_batches_per_step] for i in range(cfg.train.mini_batches_per_step)]
         mini_batches = [m for m in mini_batches if m] or [train_rows]
         several_updates = len(mini_batches) > 1 or cfg.train.epochs_per_batch > 1
-        collate_kw = dict(image_token_id=self.extras.image_token_id, pad_id=self.pad_id,
-                          spatial_merge_size=self.extras.spatial_merge_size, seq_length=length, micro_batch_size=mbs)
+
+        def build(indices):
+            # Padded, or packed to the token budget (count agreed over DP); per-row width `length`
+            # either way, so the loss and its normalisers see the same layout.
+            return build_micro_batches(
+                rows, indices, prompts, image_token_id=self.extras.image_token_id, pad_id=self.pad_id,
+                spatial_merge_size=self.extras.spatial_merge_size, micro_batch_size=cfg.train.micro_batch_size,
+                max_tokens=cfg.train.max_tokens_per_micro_batch, multiple=multiple, row_width=length,
+                group=parallel_state.get_data_parallel_group())
+
         old_logp = {}
         if several_updates:
-            old_logp = self._old_logprobs(rows, prompts, train_rows, collate_kw)
+            old_logp = self._old_logprobs(build(train_rows))
         first = True
         for _ in range(cfg.train.epochs_per_batch):
             for mini in mini_batches:
-                micro = [collate(rows, idx, prompts, **collate_kw) for idx in plan_micro_batches_of(mini, mbs)]
+                micro = build(mini)
                 if dummy:
                     for mb in micro:
                         mb.loss_mask.zero_()
@@ -284,8 +293,8 @@ class Trainer:
                 first = False
         return {"lr": lr}
 
-    def _old_logprobs(self, rows, prompts, train_rows, collate_kw) -> dict[int, torch.Tensor]:
-        micro = [collate(rows, idx, prompts, **collate_kw) for idx in plan_micro_batches_of(train_rows, collate_kw["micro_batch_size"])]
+    def _old_logprobs(self, micro) -> dict[int, torch.Tensor]:
+        """Per-row [L] log-probs of the update's rows under the current (old) policy."""
         outputs = run_micro_batches(self.chunks, micro, lambda mb, logp, ent: (logp.sum() * 0, {"logp": logp.detach()}),
                                     forward_only=True, temperature=self.cfg.rollout.temperature or 1.0)
         old = {}
@@ -405,8 +414,7 @@ class Trainer:
             self.close()
 
     def close(self) -> None:
-        """Close the logs and release the rollout engine (the vLLM engine's teardown ends the
-        torch.distributed world too, so nothing collective may follow)."""
+        """Close the logs and release the rollout engine (collective for the vLLM engine)."""
         self.logger.close()
         if self.engine is not None and hasattr(self.engine, "shutdown"):
             self.engine.shutdown()
@@ -419,10 +427,6 @@ class Trainer:
         # Layout and dtype are recorded by the checkpoint writer itself (from the model).
         return {"hf_config": self.hf_config, "hf_assets_src": self.cfg.model.hf_path,
                 "paradigm": self.cfg.algorithm.paradigm}
-
-
-def plan_micro_batches_of(indices, micro_batch_size: int) -> list[list[int]]:
-    return [[indices[i] for i in chunk] for chunk in plan_micro_batches(len(indices), micro_batch_size)]
 
 
 def format_metrics(step: int, metrics: dict[str, float]) -> str:

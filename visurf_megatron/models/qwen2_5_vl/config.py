@@ -14,9 +14,16 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ..families import DEFAULT_MODEL_TYPE, ModelFamily, family, transformers_class
 from .hf_fields import hf_config_dict, read_qwen_vl_fields
 
-_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """transformers' ``quick_gelu`` (Qwen2-VL's vision MLP): x * sigmoid(1.702 x)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+                "quick_gelu": quick_gelu}
 
 
 class LayoutError(ValueError):
@@ -61,21 +68,28 @@ class Qwen25VLExtras:
     head_dim: int = 0
     vision_num_heads: int = 0
     extra: dict = field(default_factory=dict)
+    model_type: str = DEFAULT_MODEL_TYPE  # the family (``models/families.py``)
 
     @property
     def vision_head_dim(self) -> int:
         return self.vision_hidden_size // self.vision_num_heads
 
+    @property
+    def family(self) -> ModelFamily:
+        return family(self.model_type)
+
 
 def load_hf_config(source: Any):
-    """A transformers ``Qwen2_5_VLConfig`` from a config object, a dict, a directory or a config.json
-    (for code that needs transformers' object; the model itself reads ``hf_fields``)."""
-    from transformers import Qwen2_5_VLConfig
+    """A transformers ``Qwen2_5_VLConfig`` / ``Qwen2VLConfig`` (by ``model_type``) from a config object,
+    a dict, a directory or a config.json (for code that needs transformers' object; the model itself
+    reads ``hf_fields``)."""
+    from transformers import PretrainedConfig
 
-    if isinstance(source, Qwen2_5_VLConfig):
+    if isinstance(source, PretrainedConfig) and getattr(source, "model_type", None) in ("qwen2_5_vl", "qwen2_vl"):
         return source
     data = hf_config_dict(source)
-    return Qwen2_5_VLConfig(**{k: v for k, v in data.items() if k not in ("architectures", "transformers_version")})
+    config_class = transformers_class(data.get("model_type", DEFAULT_MODEL_TYPE), "config")
+    return config_class(**{k: v for k, v in data.items() if k not in ("architectures", "transformers_version")})
 
 
 def pad_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
@@ -159,8 +173,9 @@ def configs_from_hf(
     if sum(mrope_section) * 2 != head_dim:
         raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
     tied = hf.tie_word_embeddings
+    fam = family(hf.model_type)
     if fp8_vision and overrides.get("fp8"):
-        bad = vision_fp8_shape_problems(vision.hidden_size, vision.intermediate_size, True, parallel.tp)
+        bad = vision_fp8_shape_problems(vision.hidden_size, vision.intermediate_size, fam.vision_gated_mlp, parallel.tp)
         if bad:
             raise LayoutError(
                 f"fp8_vision: the vision tower's local GEMM weights {', '.join(bad)} (tp={parallel.tp}) break "
@@ -212,7 +227,9 @@ def configs_from_hf(
         add_qkv_bias=True,
         pipeline_model_parallel_size=1,
         sequence_parallel=False,
-        **{**common, **_vision_overrides(overrides, fp8_vision)},
+        # The family's block: Qwen2-VL has LayerNorm and a plain fc1 -> act -> fc2 MLP.
+        **{**common, "normalization": fam.vision_norm, "gated_linear_unit": fam.vision_gated_mlp,
+           **_vision_overrides(overrides, fp8_vision)},
     )
     extras = Qwen25VLExtras(
         vocab_size=text.vocab_size,
@@ -238,6 +255,7 @@ def configs_from_hf(
         num_query_groups=groups,
         head_dim=head_dim,
         vision_num_heads=vision.num_heads,
+        model_type=hf.model_type,
     )
     if extras.out_hidden_size != text.hidden_size:
         raise ValueError(f"vision out_hidden_size {extras.out_hidden_size} != language hidden {text.hidden_size}")

@@ -11,6 +11,9 @@ with the semantics of transformers 5.20's config classes:
 * the vision tower's ``num_attention_heads`` is an alias of ``num_heads``; unknown keys (the Hub's
   ``in_chans``, ``spatial_patch_size``) are ignored;
 * every absent field takes transformers' class default; tied embeddings if either level says so.
+* a Qwen2-VL config (``model_type: qwen2_vl``) has the same text and top-level fields; its vision
+  fields (``embed_dim``, ``mlp_ratio``, merger ``hidden_size``) come out in Qwen2.5-VL's terms;
+  any other ``model_type`` is refused by name (``models/families.py``).
 
 ``tests/unit/test_hf_fields.py`` holds every field to transformers' own config object.
 """
@@ -20,6 +23,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
+
+from ..families import DEFAULT_MODEL_TYPE, family
 
 # transformers 5.20: Qwen2_5_VLTextConfig / Qwen2_5_VLVisionConfig / Qwen2_5_VLConfig class defaults.
 TEXT_DEFAULTS: dict[str, Any] = {
@@ -32,11 +37,17 @@ VISION_DEFAULTS: dict[str, Any] = {
     "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
     "tokens_per_second": 4, "window_size": 112, "out_hidden_size": 3584, "fullatt_block_indexes": (7, 15, 23, 31),
 }
+# transformers 5.19: Qwen2VLVisionConfig class defaults (Qwen2-VL; its text and top-level fields and
+# defaults are Qwen2.5-VL's). ``embed_dim`` is the tower's width, ``hidden_size`` the merger's output.
+QWEN2_VISION_DEFAULTS: dict[str, Any] = {
+    "depth": 32, "embed_dim": 1280, "hidden_size": 3584, "hidden_act": "quick_gelu", "mlp_ratio": 4,
+    "num_heads": 16, "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+}
 TOP_DEFAULTS: dict[str, Any] = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652}
 TEXT_ROPE_THETA = 1_000_000.0
 VISION_ROPE_THETA = 10_000.0
 _ROPE_KEYS = ("rope_scaling", "rope_parameters", "rope_theta")
-_FLOATS = {"rms_norm_eps"}
+_FLOATS = {"rms_norm_eps", "mlp_ratio"}
 _STRINGS = {"hidden_act"}
 
 
@@ -81,6 +92,7 @@ class QwenVLFields:
     image_token_id: int
     video_token_id: int
     vision_start_token_id: int
+    model_type: str = DEFAULT_MODEL_TYPE
 
 
 def _typed(where: str, key: str, value: Any) -> Any:
@@ -125,10 +137,23 @@ def hf_config_dict(source: Any) -> dict[str, Any]:
         source = source.to_dict()  # a transformers config object
     if not isinstance(source, Mapping):
         raise TypeError(f"cannot read a Qwen2.5-VL config from {type(source).__name__}")
-    model_type = source.get("model_type", "qwen2_5_vl")
-    if model_type != "qwen2_5_vl":
-        raise ValueError(f"expected a qwen2_5_vl config, got model_type={model_type!r}")
+    family(source.get("model_type", DEFAULT_MODEL_TYPE))  # refuses an unsupported model_type by name
     return dict(source)
+
+
+def _qwen2_vision(vision: Mapping[str, Any]) -> dict[str, Any]:
+    """Qwen2-VL's vision fields in Qwen2.5-VL's terms: width ``embed_dim``, MLP ``embed_dim * mlp_ratio``
+    (transformers' ``int(...)``), merger output ``hidden_size``, full attention in every block."""
+    raw = _fields(vision, QWEN2_VISION_DEFAULTS, "vision_config.")
+    return dict(
+        depth=raw["depth"], hidden_size=raw["embed_dim"], hidden_act=raw["hidden_act"],
+        intermediate_size=int(raw["embed_dim"] * raw["mlp_ratio"]), num_heads=raw["num_heads"],
+        in_channels=raw["in_channels"], patch_size=raw["patch_size"], spatial_merge_size=raw["spatial_merge_size"],
+        temporal_patch_size=raw["temporal_patch_size"],
+        tokens_per_second=0,  # Qwen2-VL's video rope has no time scaling (the model reads no videos)
+        window_size=0,  # no windows ...
+        out_hidden_size=raw["hidden_size"], fullatt_block_indexes=tuple(range(raw["depth"])),  # ... full everywhere
+    )
 
 
 def read_qwen_vl_fields(source: Any) -> QwenVLFields:
@@ -150,10 +175,14 @@ def read_qwen_vl_fields(source: Any) -> QwenVLFields:
         vision["num_heads"] = vision["num_attention_heads"]
     text_theta, mrope_section = _rope(text, TEXT_ROPE_THETA)
     vision_theta, _ = _rope(vision, VISION_ROPE_THETA)
+    model_type = data.get("model_type", DEFAULT_MODEL_TYPE)
+    vision_fields = (_qwen2_vision(vision) if model_type == "qwen2_vl"
+                     else _fields(vision, VISION_DEFAULTS, "vision_config."))
     return QwenVLFields(
         text=TextFields(**_fields(text, TEXT_DEFAULTS, "text_config."), rope_theta=text_theta,
                         mrope_section=mrope_section),
-        vision=VisionFields(**_fields(vision, VISION_DEFAULTS, "vision_config."), rope_theta=vision_theta),
+        vision=VisionFields(**vision_fields, rope_theta=vision_theta),
         tie_word_embeddings=bool(data.get("tie_word_embeddings") or text.get("tie_word_embeddings")),
         **_fields(data, TOP_DEFAULTS, ""),
+        model_type=model_type,
     )

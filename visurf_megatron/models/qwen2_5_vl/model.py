@@ -16,6 +16,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..local_spec import block_spec_for_stage
 from .config import Qwen25VLExtras
+from .packing import packed_attention_inputs
 from .specs import language_layer_spec, vision_layer_spec
 from .vision import Qwen25VisionModel, VisionLayout
 
@@ -53,8 +54,10 @@ class Qwen25VLModel(MegatronModule):
         self.extras = extras
         self.pre_process, self.post_process = pre_process, post_process
         self.vp_stage = vp_stage
+        self.backend = backend  # packed streams: a block mask (local) or THD params (TE)
         self.vision_model = (
-            Qwen25VisionModel(vision_config, vision_layer_spec(backend), extras, backend=backend) if pre_process else None
+            Qwen25VisionModel(vision_config, vision_layer_spec(backend, extras.family.vision_norm), extras, backend=backend)
+            if pre_process else None
         )
         layer_spec = language_layer_spec(backend)
         if backend == "local":
@@ -99,13 +102,19 @@ class Qwen25VLModel(MegatronModule):
         pixel_values: Optional[torch.Tensor] = None,
         image_grid_thw: Optional[torch.Tensor] = None,
         vision_layout: Optional[VisionLayout] = None,
+        image_embed_index: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Decoder input [S(/tp under SP), B, H] for the first stage."""
+        """Decoder input [S(/tp under SP), B, H] for the first stage.
+
+        ``image_embed_index`` [slots]: the vision output row for each placeholder (in order), when
+        several rows share one encoding of their prompt's images (packed micro-batches)."""
         emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
         image_mask = input_ids == self.extras.image_token_id
         n_slots = int(image_mask.sum())
         if pixel_values is not None:
             image_embeds = self.vision_model(pixel_values, image_grid_thw, vision_layout)
+            if image_embed_index is not None:
+                image_embeds = image_embeds.index_select(0, image_embed_index)
             if image_embeds.shape[0] != n_slots:
                 raise ValueError(f"{image_embeds.shape[0]} image embeddings for {n_slots} image placeholder tokens")
             bsh = emb.transpose(0, 1)
@@ -126,10 +135,21 @@ class Qwen25VLModel(MegatronModule):
         labels: Optional[torch.Tensor] = None,
         temperature: float = 1.0,
         vision_layout: Optional[VisionLayout] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        max_seqlen: Optional[int] = None,
+        image_embed_index: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, vision_layout) if self.pre_process else None
+        """``cu_seqlens`` (with ``max_seqlen``): input_ids [1, T] is a packed stream of rows, each
+        attending to itself only (``packing``); ``image_embed_index``: see ``embed``."""
+        decoder_input = (self.embed(input_ids, pixel_values, image_grid_thw, vision_layout, image_embed_index)
+                         if self.pre_process else None)
+        attention_mask = packed_seq_params = None
+        if cu_seqlens is not None:
+            attention_mask, packed_seq_params = packed_attention_inputs(
+                cu_seqlens, max_seqlen, position_ids.shape[-1], backend=self.backend, config=self.config)
         output = self.language_model(
-            input_ids=None, position_ids=position_ids, attention_mask=None, decoder_input=decoder_input
+            input_ids=None, position_ids=position_ids, attention_mask=attention_mask, decoder_input=decoder_input,
+            packed_seq_params=packed_seq_params,
         )
         if not self.post_process:
             return output  # hidden states for the next stage

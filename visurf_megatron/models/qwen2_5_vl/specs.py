@@ -75,13 +75,15 @@ def language_layer_spec(backend: Backend) -> ModuleSpec:
     return local_layer_spec()
 
 
-def vision_layer_spec(backend: Backend) -> ModuleSpec:
+def vision_layer_spec(backend: Backend, norm: str = "RMSNorm") -> ModuleSpec:
+    """The vision block; ``norm`` is the family's (``ModelFamily.vision_norm``). Transformer Engine
+    fuses the norm into its linears and reads its kind from ``config.normalization`` instead."""
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         # "padding" + packed THD sequences = bidirectional varlen attention per window / image.
         return _vision_attention(get_gpt_layer_with_transformer_engine_spec(), AttnMaskType.padding)
-    return _vision_attention(local_layer_spec(), AttnMaskType.arbitrary)
+    return _vision_attention(local_layer_spec(norm), AttnMaskType.arbitrary)
 
 
 # Lowest compute capability per FP8 recipe (Transformer Engine 2.11 ``pytorch/quantization.py``:

@@ -1,4 +1,5 @@
-"""Qwen2.5-VL vision tower built from megatron-core modules, tensor-parallel.
+"""Qwen2.5-VL vision tower built from megatron-core modules, tensor-parallel; Qwen2-VL's too (its
+family, ``models/families.py``: LayerNorm blocks and merger, plain MLP, no windows).
 
 Data layout: all images of a batch are one packed sequence of N patches (megatron [s, b=1, h]).
 Patches arrive in the processor's order (per image, 2x2 merge blocks contiguous). Layers that are not
@@ -32,7 +33,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ..local_spec import RMSNorm
+from ..local_spec import NORMS
 from .config import Qwen25VLExtras
 from .specs import FP8_ROWS_MULTIPLE
 
@@ -95,9 +96,12 @@ def vision_rotary_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
 def build_vision_layout(grid_thw: torch.Tensor, extras: Qwen25VLExtras) -> VisionLayout:
     merge = extras.spatial_merge_size
     grid_thw = grid_thw.to("cpu", torch.long)
-    window_index, cu_window = window_order(grid_thw, merge, extras.window_size, extras.patch_size)
     frame_sizes = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
     cu_image = F.pad(frame_sizes.cumsum(0), (1, 0)).to(torch.int32)
+    if extras.family.vision_windows:
+        window_index, cu_window = window_order(grid_thw, merge, extras.window_size, extras.patch_size)
+    else:  # Qwen2-VL: no windows, the processor's order throughout (every block attends per image)
+        window_index, cu_window = torch.arange(int(frame_sizes.sum()) // (merge * merge)), cu_image
     inv_freq = vision_rotary_inv_freq(extras.vision_head_dim, extras.vision_rope_theta)
     hw = patch_hw_positions(grid_thw, merge).float()
     angles = torch.cat([hw[:, :1] * inv_freq, hw[:, 1:] * inv_freq], dim=-1)  # [N, head_dim/2]
@@ -151,12 +155,13 @@ class PerTokenRotarySelfAttention(SelfAttention):
 
 
 class PatchMerger(MegatronModule):
-    """RMSNorm per patch, then 2x2 patches concatenated -> Linear -> GELU -> Linear (TP: column, row)."""
+    """Norm per patch (the family's: RMSNorm or LayerNorm), then 2x2 patches concatenated -> Linear ->
+    GELU -> Linear (TP: column, row)."""
 
-    def __init__(self, config: TransformerConfig, context_dim: int, out_dim: int, merge: int):
+    def __init__(self, config: TransformerConfig, context_dim: int, out_dim: int, merge: int, norm: str = "RMSNorm"):
         super().__init__(config=config)
         self.hidden = context_dim * merge * merge
-        self.ln_q = RMSNorm(config, context_dim, eps=1e-6)
+        self.ln_q = NORMS[norm](config, context_dim, eps=1e-6)
         init = config.init_method
         self.linear_fc1 = tensor_parallel.ColumnParallelLinear(
             self.hidden, self.hidden, config=config, init_method=init, bias=True, gather_output=False
@@ -194,7 +199,8 @@ class Qwen25VisionModel(MegatronModule):
             pre_process=True,
             post_process=False,
         )
-        self.merger = PatchMerger(config, config.hidden_size, extras.out_hidden_size, extras.spatial_merge_size)
+        self.merger = PatchMerger(config, config.hidden_size, extras.out_hidden_size, extras.spatial_merge_size,
+                                  norm=extras.family.merger_norm)
         self.full_attention_layers = set(extras.fullatt_block_indexes)
 
     def _region_args(self, cu_seqlens: torch.Tensor, n: int, device) -> dict:

@@ -1,0 +1,170 @@
+"""Rank functions for the packing tests: the same update, padded and packed, through the real schedule."""
+from __future__ import annotations
+
+import torch
+
+
+def make_prompts(hf_dir):
+    """Three prompts with 0, 1 and 2 images (different sizes), as ``PromptPreparer`` builds them."""
+    import numpy as np
+    from PIL import Image
+
+    from tools.make_tiny_checkpoint import load_processor
+    from visurf_megatron.training.batching import PreparedPrompt
+
+    processor = load_processor(hf_dir)
+    rng = np.random.default_rng(0)
+
+    def image(w, h):
+        return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+    specs = [("count the things", []), ("find the red circle", [image(84, 56)]),
+             ("compare these two", [image(56, 56), image(56, 112)])]
+    prompts = []
+    for k, (text, images) in enumerate(specs):
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+        chat = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        enc = processor(text=[chat], images=images or None, return_tensors="pt")
+        prompts.append(PreparedPrompt(f"p{k}", chat, images, enc["input_ids"][0], enc.get("pixel_values"),
+                                      enc.get("image_grid_thw")))
+    return prompts
+
+
+def make_rows(prompts, extras, group_size=3, seed=0):
+    """``group_size`` rows per prompt (the last one the GT row) of spread response lengths."""
+    from visurf_megatron.training.batching import Row
+
+    gen = torch.Generator().manual_seed(seed)
+    special = {extras.image_token_id, extras.video_token_id, extras.vision_start_token_id}
+    rows = []
+    for p in range(len(prompts)):
+        for j in range(group_size):
+            n = int(torch.randint(2, 40, (1,), generator=gen))
+            ids = [t for t in torch.randint(3, 300, (n + 4,), generator=gen).tolist() if t not in special][:n]
+            rows.append(Row(prompt=p, response_ids=ids, is_gt=j == group_size - 1))
+    return rows
+
+
+def _row_info(rows, paradigm):
+    from visurf_megatron.algorithm.paradigms import RowBatch
+
+    gen = torch.Generator().manual_seed(1)
+    rewards = torch.rand(len(rows), generator=gen, dtype=torch.float64) * 3
+    batch = RowBatch(rewards, torch.tensor([r.prompt for r in rows]), torch.tensor([r.is_gt for r in rows]))
+    return paradigm.compute_row_info(batch, 0)
+
+
+def _global_norms(paradigm, micro):
+    """As ``Trainer._global_norms``: summed over micro-batches and data-parallel ranks."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    totals = {}
+    for mb in micro:
+        for key, value in paradigm.normalisers(mb.loss_mask, mb.rows, 0).items():
+            totals[key] = totals.get(key, 0) + torch.as_tensor(value, dtype=torch.float64)
+    for key in sorted(totals):
+        dist.all_reduce(totals[key], group=parallel_state.get_data_parallel_group())
+    return totals
+
+
+def _grads(model, ps):
+    """Parameter gradients, sequence-parallel ones summed over TP (what megatron's finalisation does:
+    each TP rank holds the share of its slice of the sequence, and the slices differ by layout)."""
+    import torch.distributed as dist
+
+    out = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        g = p.grad.detach().clone()
+        if getattr(p, "sequence_parallel", False) and ps.get_tensor_model_parallel_world_size() > 1:
+            dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())
+        out[name] = g
+    return out
+
+
+def update(model, ps, micro, rows, info, paradigm, *, scale_dp):
+    """One update's loss and gradients, and each row's per-token log-probs (forward only)."""
+    from visurf_megatron.training.forward import run_micro_batches
+    from visurf_megatron.training.update_loss import attach_rows, update_loss_fn
+
+    attach_rows(micro, info)
+    outputs = run_micro_batches([model], micro, lambda mb, logp, ent: (logp.sum() * 0, {"logp": logp.detach()}),
+                                forward_only=True)
+    logp = {}
+    for mb, out in zip(micro, outputs):
+        for b, r in enumerate(mb.row_index.tolist()):
+            if r >= 0:
+                logp[r] = out["logp"][b].clone()
+    norms = _global_norms(paradigm, micro)
+    loss_fn = update_loss_fn(paradigm, norms, step=0, scale=len(micro) * scale_dp, entropy_coef=0.0)
+    model.zero_grad(set_to_none=True)
+    outputs = run_micro_batches([model], micro, loss_fn, forward_only=False, with_entropy=True, entropy_grad=False)
+    loss = sum(float(o["loss"]) for o in outputs) if outputs else None
+    return {"logp": logp, "loss": loss, "grads": _grads(model, ps)}
+
+
+def packed_vs_padded(hf_dir, layouts, budget, dp_rows=None):
+    """For each (tp, pp, sp): the same ViSurf update padded and packed. ``dp_rows[dp_rank]``: the rows
+    this data-parallel rank trains on (default all), so ranks can hold different numbers of rows."""
+    from visurf_megatron.algorithm.paradigms import get_paradigm
+    from visurf_megatron.training.batching import sequence_multiple
+    from visurf_megatron.training.packing import build_micro_batches, row_length
+
+    from .qwen_world import build_model
+
+    results = []
+    for tp, pp, sp in layouts:
+        model, extras, ps = build_model(hf_dir, tp, pp, sp)
+        model.train()
+        prompts = make_prompts(hf_dir)
+        rows = make_rows(prompts, extras)
+        paradigm = get_paradigm("visurf")
+        info = _row_info(rows, paradigm)
+        dp_rank = ps.get_data_parallel_rank()
+        indices = list(range(len(rows))) if dp_rows is None else dp_rows[dp_rank]
+        multiple = sequence_multiple(tp, sp, False)
+        common = dict(image_token_id=extras.image_token_id, pad_id=0, spatial_merge_size=extras.spatial_merge_size,
+                      micro_batch_size=2, multiple=multiple, group=ps.get_data_parallel_group())
+        padded = build_micro_batches(rows, indices, prompts, **common)
+        packed = build_micro_batches(rows, indices, prompts, max_tokens=budget, **common)
+        dp = ps.get_data_parallel_world_size()
+        results.append({
+            "layout": (tp, pp, sp), "dp_rank": dp_rank, "last_stage": ps.is_pipeline_last_stage(),
+            "lengths": {i: row_length(rows[i], prompts) for i in indices},
+            "prompt_of": {i: rows[i].prompt for i in indices},
+            "plan": [mb.row_index.tolist() for mb in packed], "stream": tuple(packed[0].input_ids.shape),
+            "multiple": multiple,
+            "padded": update(model, ps, padded, rows, info, paradigm, scale_dp=dp),
+            "packed": update(model, ps, packed, rows, info, paradigm, scale_dp=dp),
+        })
+    return results
+
+
+def trainer_steps(base: dict, overrides: list[str], steps: int) -> dict:
+    """``steps`` real trainer steps; each step's loss, the packed plans' shapes, and the parameters."""
+    from .trainer_world import _config
+    from visurf_megatron.training import trainer as trainer_module
+
+    trainer = trainer_module.Trainer(_config(base, overrides))
+    shapes = []
+    build = trainer_module.build_micro_batches
+
+    def recording(*args, **kwargs):  # what the update really ran on
+        micro = build(*args, **kwargs)
+        shapes.append([(tuple(mb.input_ids.shape), mb.packed) for mb in micro])
+        return micro
+
+    trainer_module.build_micro_batches = recording
+    try:
+        losses = []
+        for _ in range(steps):
+            metrics = trainer.train_step()
+            trainer.step += 1
+            losses.append(metrics["loss"])
+    finally:
+        trainer_module.build_micro_batches = build
+    trainer.logger.close()
+    params = {name: p.detach().clone() for name, p in trainer.chunks[0].named_parameters()}
+    return {"losses": losses, "params": params, "shapes": shapes}

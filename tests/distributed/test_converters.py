@@ -51,10 +51,13 @@ def hf_dirs(tmp_path_factory):
             (renamed / f.name).write_bytes(f.read_bytes())
     save_file({inmemory_name(k): v for k, v in load_file(untied / "model.safetensors").items()},
               str(renamed / "model.safetensors"), metadata={"format": "pt"})
-    return {"untied": untied, "tied": build_checkpoint(root, "tied"), "inmemory": renamed, "root": root}
+    return {"untied": untied, "tied": build_checkpoint(root, "tied"), "inmemory": renamed, "root": root,
+            # the other family, converted by its model_type with no flag
+            "qwen2_vl:untied": build_checkpoint(root, "untied", family="qwen2_vl"),
+            "qwen2_vl:tied": build_checkpoint(root, "tied", family="qwen2_vl")}
 
 
-@pytest.mark.parametrize("kind", ["untied", "inmemory", "tied"])
+@pytest.mark.parametrize("kind", ["untied", "inmemory", "tied", "qwen2_vl:untied", "qwen2_vl:tied"])
 def test_round_trip_tp2_pp2_is_bit_identical(hf_dirs, tmp_path, kind):
     meg, back = tmp_path / "meg", tmp_path / "back"
     to_megatron(hf_dirs[kind], meg, tp=2, pp=2)
@@ -64,7 +67,9 @@ def test_round_trip_tp2_pp2_is_bit_identical(hf_dirs, tmp_path, kind):
     # Hub naming in the output whatever the input naming; tied checkpoints keep lm_head out.
     keys = read_all(back).keys()
     assert all(k.startswith(("model.layers.", "model.embed_tokens", "model.norm", "visual.", "lm_head")) for k in keys)
-    assert ("lm_head.weight" in keys) == (kind != "tied")
+    assert ("lm_head.weight" in keys) == (kind.rpartition(":")[2] != "tied")
+    family = kind.split(":")[0] if ":" in kind else "qwen2_5_vl"
+    assert json.loads((back / "config.json").read_text())["model_type"] == family
 
 
 def test_tp2_checkpoint_reloads_as_pp2_and_matches_transformers(hf_dirs, tmp_path):

@@ -168,3 +168,50 @@ def trainer_steps(base: dict, overrides: list[str], steps: int) -> dict:
     trainer.logger.close()
     params = {name: p.detach().clone() for name, p in trainer.chunks[0].named_parameters()}
     return {"losses": losses, "params": params, "shapes": shapes}
+
+
+def thd_rope_world(hf_dir):
+    """What the Transformer Engine path relies on, run on CPU: megatron's RoPE for THD (the function
+    its attention calls with ``packed_seq_params``), given the packed stream's per-token mrope angles
+    and our ``cu_seqlens``, rotates every row exactly as the padded layout does (bshd)."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import MultimodalRotaryEmbedding
+
+    from visurf_megatron.training.packing import build_micro_batches
+
+    from .qwen_world import build_model
+
+    model, extras, ps = build_model(hf_dir, 1, 1, False)
+    config = model.language_model.config
+    prompts = make_prompts(hf_dir)
+    rows = make_rows(prompts, extras)
+    kw = dict(image_token_id=extras.image_token_id, pad_id=0, spatial_merge_size=extras.spatial_merge_size)
+    indices = [0, 3, 4, 7, 8]  # 0, 1 and 2 images
+    packed = build_micro_batches(rows, indices, prompts, max_tokens=2000, micro_batch_size=1, **kw)
+    padded = build_micro_batches(rows, indices, prompts, micro_batch_size=len(indices), **kw)
+    assert len(packed) == 1 and len(padded) == 1
+    pk, pd = packed[0], padded[0]
+    rope = MultimodalRotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
+                                     rotary_base=extras.rope_theta)
+    heads, dim = 2, config.kv_channels
+    gen = torch.Generator().manual_seed(0)
+    q_rows = torch.randn(pd.input_ids.shape[1], len(indices), heads, dim, generator=gen)  # [S, B, h, d]
+    q_stream = torch.zeros(pk.input_ids.shape[1], heads, dim)  # [T, h, d]
+    for r in range(len(indices)):
+        n = int(pk.cu_seqlens[r + 1] - pk.cu_seqlens[r])  # row r is segment r
+        q_stream[pk.pack_index[r, :n]] = q_rows[:n, r]
+    freqs_stream = rope(pk.position_ids, config.mrope_section)  # [T, 1, 1, d]
+    freqs_rows = rope(pd.position_ids, config.mrope_section)  # [S, B, 1, d]
+    thd = apply_rotary_pos_emb(q_stream, freqs_stream, config, cu_seqlens=pk.cu_seqlens,
+                               cp_group=ps.get_context_parallel_group())
+    bshd = apply_rotary_pos_emb(q_rows, freqs_rows, config)
+    worst, wrong_restart = 0.0, 0.0
+    # The classic packing bug: angles restarting at stream offset 0 for every row (1-D positions).
+    naive = apply_rotary_pos_emb(q_stream, freqs_stream[: int(pk.max_seqlen)], config, cu_seqlens=pk.cu_seqlens,
+                                 cp_group=ps.get_context_parallel_group())
+    for r in range(len(indices)):
+        n = int(pk.cu_seqlens[r + 1] - pk.cu_seqlens[r])
+        at = pk.pack_index[r, :n]
+        worst = max(worst, float((thd[at] - bshd[:n, r]).abs().max()))
+        wrong_restart = max(wrong_restart, float((naive[at] - bshd[:n, r]).abs().max()))
+    return {"worst": worst, "naive": wrong_restart, "total": int(pk.cu_seqlens[-1]), "T": pk.input_ids.shape[1]}

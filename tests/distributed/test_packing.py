@@ -115,3 +115,16 @@ def test_three_trainer_steps_packed_equal_padded(hf_dir, tmp_path):
     # The DP ranks ran as many packed micro-batches as each other in every update.
     assert [len(s) for s in packed[0]["shapes"]] == [len(s) for s in packed[1]["shapes"]]
     print(f"trainer: losses padded {padded[0]['losses']} packed {packed[0]['losses']}")
+
+
+def test_thd_rope_takes_each_rows_own_mrope_angles(hf_dir):
+    """The Transformer Engine path (THD ``cu_seqlens``) rotates with megatron's THD RoPE: given the
+    stream's per-token mrope angles it must rotate each row as its padded row is (exactly), where
+    angles restarting from the stream's start for every row (the classic bug) would not."""
+    from .packing_world import thd_rope_world
+
+    result = run_world(thd_rope_world, 1, hf_dir, timeout_s=300)[0]
+    assert result["total"] == result["T"]  # the tail of padding is a segment: exact-offset mapping
+    assert result["worst"] <= 1e-6, result
+    assert result["naive"] > 1e-2, result
+    print(f"THD rope vs padded: {result}")

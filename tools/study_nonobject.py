@@ -143,6 +143,7 @@ def study_world(jobs: list[dict], log_dir: str) -> list[dict]:
                                                max_new_tokens=job["eval_max_new_tokens"],
                                                predictions_path=str(Path(job["run_dir"]) / f"predictions_{name}.jsonl"))
             eval_s = time.perf_counter() - t1
+            trainer.close()
             del trainer
             gc.collect()
             if rank == 0:

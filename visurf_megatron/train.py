@@ -14,7 +14,11 @@ def _run(config_path, overrides) -> None:
     from visurf_megatron.config import load_config
     from visurf_megatron.training.trainer import Trainer
 
-    Trainer(load_config(config_path, overrides)).train()
+    trainer = Trainer(load_config(config_path, overrides))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()  # the rollout engine goes before the process groups do
 
 
 def main(argv=None) -> int:

@@ -103,6 +103,7 @@ def test_runs_on_vllms_platform_and_refuses_before_the_first_update(world):
         assert "never loaded" in r["before_update"]
         assert "asleep" in r["asleep"]
         assert r["updates"] == 3 + 2 * 2
+        assert r["world_after_shutdown"], "the engine's teardown must leave the trainer's world alive"
 
 
 def test_greedy_equals_transformers_with_either_naming(world, references):

@@ -78,4 +78,5 @@ def engine_world(ckpt_a, ckpt_b, prompts, rollout_tp, new_tokens, temperature):
     out["cycles"] = cycles
     out["updates"] = engine.updates
     engine.shutdown()
+    out["world_after_shutdown"] = dist.is_initialized() and (dist.barrier() is None)
     return out

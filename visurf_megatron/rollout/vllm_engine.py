@@ -38,8 +38,10 @@ and return plain values and are tested without building an engine.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -285,6 +287,13 @@ class VLLMRolloutEngine:
             enable_prefix_caching=enable_prefix_caching, mm_processor_kwargs=mm_processor_kwargs,
             extra=extra_llm_kwargs,
         ))
+        # vLLM's in-process client tears the engine down from a finalizer that also destroys the
+        # default process group: swapped for one that keeps it (``_release``).
+        client = self.llm.llm_engine.engine_core
+        vllm_finalizer = getattr(client, "_finalizer", None)
+        if vllm_finalizer is not None:
+            vllm_finalizer.detach()
+        self._finalizer = weakref.finalize(self, _release, client.engine_core)
         self.tokenizer = self.llm.get_tokenizer()
         self.stop_token_ids = checkpoint_stop_token_ids(self.checkpoint_dir, self.tokenizer)
         self.state = EngineState()  # dummy weights: stale until the first update
@@ -344,10 +353,38 @@ class VLLMRolloutEngine:
         self.state.asleep.difference_update(tags)
 
     def shutdown(self) -> None:
-        """Release the engine now. Left to interpreter exit, vLLM's teardown runs after the launcher has
-        destroyed the process groups it destroys again (a page of errors per rank). vLLM's teardown also
-        destroys torch.distributed's default group: call this last, after every other collective."""
-        if self.llm is None:
-            return
-        self.llm.llm_engine.engine_core.shutdown()
+        """Release the engine now: executor, scheduler, caches and vLLM's own process groups (a
+        collective). torch.distributed's default group belongs to the trainer and stays (see
+        ``_release``); a later engine can be built in the same world. Dropping the engine does the
+        same through a finalizer."""
+        self._finalizer()
         self.llm = None
+
+
+def _release(engine_core) -> None:
+    """vLLM's ``EngineCore.shutdown`` with the default process group kept. vLLM's teardown ends by
+    destroying the default group (which the trainer owns: the study trains one method after another in
+    one world), and its own finalizer would do so whenever an engine is garbage collected; the engine
+    replaces that finalizer with this one."""
+    with _default_group_kept():
+        engine_core.shutdown()
+
+
+@contextlib.contextmanager
+def _default_group_kept():
+    """While vLLM tears down: ``destroy_process_group`` skips the default group, and every group once
+    torch.distributed is already gone (a finalizer at interpreter exit); vLLM's own groups are
+    destroyed as usual."""
+    dist = torch.distributed
+    destroy = dist.destroy_process_group
+
+    def destroy_unless_default(group=None):
+        if group is None or group is dist.GroupMember.WORLD or not dist.is_initialized():
+            return None
+        return destroy(group)
+
+    dist.destroy_process_group = destroy_unless_default
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = destroy

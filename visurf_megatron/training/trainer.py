@@ -411,13 +411,14 @@ class Trainer:
                 if abort:
                     raise TrainingAborted(f"{self.nonfinite_in_a_row} non-finite steps in a row; checkpoint written")
         finally:
-            self.close()
+            self.logger.close()
 
     def close(self) -> None:
         """Close the logs and release the rollout engine (collective for the vLLM engine)."""
         self.logger.close()
         if self.engine is not None and hasattr(self.engine, "shutdown"):
             self.engine.shutdown()
+        self.engine = None
 
     def train_state(self) -> dict:
         return {"step": self.step, "consumed": self.feed.consumed, "skipped_steps": self.skipped_steps,

@@ -116,3 +116,27 @@ def test_nonfinite_steps_are_skipped_then_abort_with_a_checkpoint(setup):
     assert records[-1].get("nonfinite_step") == 1.0
     # The abort wrote a checkpoint first, and it names the last completed step.
     assert (run / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+
+
+def test_visurf_steps_on_a_tiny_qwen2_vl(setup):
+    """The other family (issue 22) through the same trainer, by its checkpoint's model_type: rollouts
+    from transformers' Qwen2VLForConditionalGeneration with synced weights, ViSurf updates on the
+    megatron model at TP2 and TP1, the same numbers."""
+    root, base = setup
+    hf = make_tiny_checkpoint(root / "hf_qwen2_vl", seed=0, family="qwen2_vl")
+    cfg = {**base, "model": {**base["model"], "hf_path": str(hf)}}
+    tp2 = run_world(run_steps, 2, cfg, [["parallel.tp=2", "algorithm.paradigm=visurf",
+                                         f"logging.dir={root / 'qwen2_vl_tp2'}"]], 2, timeout_s=600)[0][0]
+    tp1 = run_world(run_steps, 1, cfg, [["algorithm.paradigm=visurf", f"logging.dir={root / 'qwen2_vl_tp1'}"]],
+                    1, timeout_s=300)[0][0]
+    assert len(tp2) == 2
+    for metrics in tp2:
+        for key in ("loss", "grad_norm", "reward_gt/total", "gt_logp", "entropy"):
+            assert finite(metrics[key]), (key, metrics)
+        assert metrics["grad_norm"] > 0  # the GT row always carries signal
+        # fp32, same weights: transformers' Qwen2-VL (the engine) and our megatron Qwen2-VL agree per token.
+        assert metrics["token_mult_prob_error"] < 1.01, metrics
+        print(f"qwen2_vl tp2 step: loss {metrics['loss']:.5f} grad_norm {metrics['grad_norm']:.4f} "
+              f"token_mult_prob_error {metrics['token_mult_prob_error']:.6f}")
+    for key in ("loss", "grad_norm", "reward/total", "entropy", "gt_logp"):
+        assert tp2[0][key] == pytest.approx(tp1[0][key], rel=1e-4, abs=1e-5), key

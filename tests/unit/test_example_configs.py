@@ -26,6 +26,7 @@ def test_configs_found():
         assert f"qwen2_5_vl_{size}_visurf.yaml" in names
     for paradigm in ("sft", "rlvr", "sft_then_rlvr"):
         assert f"qwen2_5_vl_7b_{paradigm}.yaml" in names
+    assert "qwen2_vl_7b_visurf.yaml" in names  # the paper's Table 3 on the other family
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -38,13 +39,13 @@ def test_config_loads_for_its_world_size(path):
         assert par.sequence_parallel
 
 
-QWEN = [p for p in CONFIGS if p.name.startswith("qwen2_5_vl_")]
+QWEN = [p for p in CONFIGS if p.name.startswith(("qwen2_5_vl_", "qwen2_vl_"))]
 
 
 @pytest.mark.parametrize("path", QWEN, ids=lambda p: p.name)
 def test_paper_hyper_parameters(path):
     cfg = load_config(path, world_size=world_size(path))
-    paradigm = re.match(r"qwen2_5_vl_\d+b_(.+)\.yaml", path.name).group(1)
+    paradigm = re.match(r"qwen2(?:_5)?_vl_\d+b_(.+)\.yaml", path.name).group(1)
     assert cfg.algorithm.paradigm == paradigm
     assert cfg.train.lr == 1e-6 and cfg.train.lr_warmup_steps == 0 and cfg.model.dtype == "bf16"
     assert cfg.data.image_size == 840

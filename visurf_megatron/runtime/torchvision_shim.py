@@ -95,6 +95,12 @@ def install_video_placeholder() -> bool:
         preprocess = __call__
 
     setattr(processing_utils.transformers_module, "VideoProcessorMixin", VideoProcessorMixin)
+    # What transformers' own fallback does when vLLM imports `Qwen2VLImageProcessor` from the package
+    # (the PIL class), without the warning it prints in every process.
+    import transformers.models.qwen2_vl as qwen2_vl_package
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    setattr(qwen2_vl_package, "Qwen2VLImageProcessor", Qwen2VLImageProcessorPil)
     for config_class in (Qwen2_5_VLConfig, Qwen2VLConfig):
         AutoVideoProcessor.register(config_class, Qwen2VLVideoProcessor, exist_ok=True)
     _VIDEO_PLACEHOLDER = Qwen2VLVideoProcessor

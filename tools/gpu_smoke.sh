@@ -124,7 +124,7 @@ PYEOF
 }
 
 tiny_assets() {
-  [ -f "$WORK/hf/config.json" ] || "$PY" tools/make_tiny_checkpoint.py "$WORK/hf" --seed 0 || return 1
+  [ -f "$WORK/hf/config.json" ] || "$PY" tools/make_tiny_checkpoint.py "$WORK/hf" --seed 0 --heads 2 --kv-heads 2 || return 1
   [ -f "$WORK/data/train.jsonl" ] || "$PY" tools/make_synthetic_grounding.py --out "$WORK/data" --train 8 --val 2 \
     --size 56 --no-progress || return 1
 }

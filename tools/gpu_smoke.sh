@@ -9,7 +9,7 @@ WORK=${SMOKE_WORK:-/tmp/gpu_smoke}
 LOGS=${SMOKE_LOGS:-${OUT:-$WORK}/smoke_logs}
 SITE=${SMOKE_SITE:-/tmp/site}
 
-CHECKS=(setup contracts parity te_fp8 convert train train_te vllm)
+CHECKS=(setup contracts parity te_fp8 convert train train_te vllm export)
 
 usage() {
   cat <<'EOF'
@@ -40,6 +40,7 @@ describe() {
     train) echo "3 steps of the tiny ViSurf config on CUDA (local spec, HF engine, fp32); finite loss each step" ;;
     train_te) echo "3 steps with model.spec=te, bf16, fp8 hybrid (SKIP without TE)" ;;
     vllm) echo "tests/gpu/test_vllm_engine.py, then 3 steps with rollout.engine=vllm (SKIP without vLLM)" ;;
+    export) echo "tests/gpu/test_export_quantized_gpu.py: NVFP4 export within FP4 rounding; vLLM serves the FP8 export (SKIP without modelopt)" ;;
     *) echo "unknown check"; return 1 ;;
   esac
 }
@@ -191,6 +192,10 @@ run_check() {
       if has_module vllm && has_cuda; then
         run vllm 300 vllm_check
       else report vllm SKIP 0 "needs CUDA and vllm"; fi ;;
+    export)
+      if has_module modelopt && has_cuda; then
+        run export 300 pytest_run tests/gpu/test_export_quantized_gpu.py
+      else report export SKIP 0 "needs CUDA and nvidia-modelopt"; fi ;;
   esac
 }
 

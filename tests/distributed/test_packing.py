@@ -33,9 +33,10 @@ def check(result, *, budget=BUDGET):
     placed = sorted(r for mb in plan for r in mb if r >= 0)
     assert placed == sorted(lengths), plan
     stream = result["stream"]
-    assert stream[0] == 1 and stream[1] % result["multiple"] == 0 and stream[1] >= budget
-    for mb in plan:
-        assert sum(lengths[r] for r in mb if r >= 0) <= stream[1]
+    loads = [sum(lengths[r] for r in mb if r >= 0) for mb in plan]
+    assert max(loads) <= budget  # every row here is shorter than the budget
+    # One shape: the fullest stream's, rounded up to what sequence parallel needs.
+    assert stream[0] == 1 and stream[1] == -(-max(loads) // result["multiple"]) * result["multiple"]
     report = {"logp": 0.0, "loss": 0.0, "grad": 0.0}
     if result["last_stage"]:
         assert set(packed["logp"]) == set(padded["logp"]) == set(lengths)
@@ -101,20 +102,21 @@ def test_three_trainer_steps_packed_equal_padded(hf_dir, tmp_path):
     }
     padded = run_world(trainer_steps, 2, base, [f"logging.dir={tmp_path / 'padded'}"], 3, timeout_s=900)
     packed = run_world(trainer_steps, 2, base, [f"logging.dir={tmp_path / 'packed'}",
-                                                 "train.max_tokens_per_micro_batch=200"], 3, timeout_s=900)
+                                                 "train.max_tokens_per_micro_batch=400"], 3, timeout_s=900)
     for rank in range(2):
         a, b = padded[rank], packed[rank]
         assert all(not p for shapes in a["shapes"] for _, p in shapes)
         assert all(p and s == shapes[0][0] for shapes in b["shapes"] for s, p in shapes)
         assert len(b["shapes"]) == 3 * 3  # per step: old log-probs + two mini-batches
-        assert b["shapes"][0][0][0][1] >= 200
+        assert all(s[1] <= 400 for shapes in b["shapes"] for s, _ in shapes)
+        assert any(len(shapes) > 1 for shapes in b["shapes"])  # several packed micro-batches
         for x, y in zip(a["losses"], b["losses"]):
             assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (a["losses"], b["losses"])
         worst = max(float((b["params"][n] - p).abs().max()) for n, p in a["params"].items())
         assert worst <= 1e-5, worst
     # The DP ranks ran as many packed micro-batches as each other in every update.
     assert [len(s) for s in packed[0]["shapes"]] == [len(s) for s in packed[1]["shapes"]]
-    print(f"trainer: losses padded {padded[0]['losses']} packed {packed[0]['losses']}")
+    print(f"trainer: losses padded {padded[0]['losses']} packed {packed[0]['losses']}, shapes {packed[0]['shapes']}")
 
 
 def test_thd_rope_takes_each_rows_own_mrope_angles(hf_dir):

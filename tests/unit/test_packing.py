@@ -83,7 +83,10 @@ def test_build_micro_batches_padded_by_default_packed_with_a_budget():
     padded = build_micro_batches(rows, range(6), prompts, **kw)
     assert [mb.packed for mb in padded] == [False] * 3 and padded[0].input_ids.shape == (2, 12)
     packed = build_micro_batches(rows, range(6), prompts, max_tokens=21, **kw)
-    assert all(mb.packed and mb.input_ids.shape == (1, 24) for mb in packed)
+    # 45 tokens in 3 streams of at most 21: one shape, the fullest stream's, rounded up to 4
+    fullest = max(int(mb.cu_seqlens[mb.row_index.numel()]) for mb in packed)
+    assert len(packed) == 3 and fullest <= 21
+    assert all(mb.packed and mb.input_ids.shape == (1, -(-fullest // 4) * 4) for mb in packed)
     assert sorted(r for mb in packed for r in mb.row_index.tolist()) == list(range(6))
     assert all(mb.loss_mask.shape[1] == 12 for mb in packed)  # the padded layout's row width
 

@@ -10,8 +10,10 @@ With ``train.max_tokens_per_micro_batch`` set, a micro-batch is instead one stre
 * each distinct prompt's images are encoded once per micro-batch and their embeddings gathered
   into every row of the group that sits in it (``image_embed_index``), so the gradients of all
   those rows flow into that one vision pass;
-* every micro-batch of an update has the same stream length T (pipeline p2p needs one shape),
-  a multiple of ``batching.sequence_multiple`` (sequence parallel, FP8);
+* every micro-batch of an update has the same stream length T (pipeline p2p needs one shape): the
+  longest packed stream of the update, never more than the budget (a longer row excepted), rounded
+  up to ``batching.sequence_multiple`` (sequence parallel, FP8). A budget the update does not fill
+  is not paid for;
 * what the loss reads stays per row ([R, L], L the padded layout's length): ``forward`` gathers
   the stream's log-probs into that layout, so losses and normalisers are the padded ones.
 
@@ -37,8 +39,8 @@ def row_length(row: Row, prompts: Sequence[PreparedPrompt]) -> int:
 
 
 def stream_length(lengths: Sequence[int], budget: int, multiple: int = 1) -> int:
-    """T of every packed micro-batch: the budget, or the longest row if a row is longer (a row is
-    never split), rounded up to ``multiple``."""
+    """The most tokens a packed stream may hold: the budget, or the longest row if a row is longer
+    (a row is never split), rounded up to ``multiple``."""
     if budget < 1:
         raise ValueError(f"train.max_tokens_per_micro_batch must be >= 1 to pack, got {budget}")
     longest = max(lengths, default=1)
@@ -195,8 +197,9 @@ def build_micro_batches(
                         micro_batch_size=micro_batch_size, **common)
                 for chunk in plan_micro_batches(len(indices), micro_batch_size)]
     lengths = [row_length(rows[i], prompts) for i in indices]
-    seq_length = stream_length(lengths, max_tokens, multiple)
-    bins = plan_packed(lengths, [rows[i].prompt for i in indices], seq_length, group)
+    bins = plan_packed(lengths, [rows[i].prompt for i in indices], stream_length(lengths, max_tokens), group)
+    fullest = max(sum(lengths[j] for j in chunk) for chunk in bins)
+    seq_length = -(-fullest // multiple) * multiple
     return [collate_packed(rows, [indices[j] for j in chunk], prompts, seq_length=seq_length, row_width=width,
                            filler=indices[0], **common)
             for chunk in bins]

@@ -225,3 +225,33 @@ def test_merger_output_must_match_language_hidden():
     cfg["vision_config"]["out_hidden_size"] = 2048
     with pytest.raises(ValueError, match=r"out_hidden_size 2048 != language hidden 3584"):
         configs_from_hf(cfg)
+
+
+def test_qwen2_vl_family_is_read_from_model_type():
+    """Qwen2-VL-7B (issue 22): the same language model, the family's vision block (LayerNorm, plain
+    quick_gelu MLP of embed_dim * mlp_ratio, no windows), chosen by model_type with no flag."""
+    from tests.unit.test_hf_fields import qwen2_vl_hub_config
+    from visurf_megatron.models.qwen2_5_vl.config import quick_gelu
+    from visurf_megatron.models.qwen2_5_vl.specs import fp8_overrides
+    from visurf_megatron.models.qwen2_5_vl.vision import build_vision_layout
+
+    lang25, vis25, ex25 = configs_from_hf(HUB["7B"], ParallelLayout(tp=2))
+    lang, vis, extras = configs_from_hf(qwen2_vl_hub_config("7B"), ParallelLayout(tp=2))
+    assert extras.model_type == "qwen2_vl" and ex25.model_type == "qwen2_5_vl"
+    assert (lang.hidden_size, lang.num_layers, lang.num_query_groups, lang.ffn_hidden_size) == (
+        lang25.hidden_size, lang25.num_layers, lang25.num_query_groups, lang25.ffn_hidden_size)
+    assert (vis.normalization, vis.gated_linear_unit, vis.activation_func) == ("LayerNorm", False, quick_gelu)
+    assert (vis25.normalization, vis25.gated_linear_unit, vis25.activation_func) == ("RMSNorm", True, F.silu)
+    assert (vis.hidden_size, vis.ffn_hidden_size, vis.num_layers, extras.out_hidden_size) == (1280, 5120, 32, 3584)
+    assert extras.fullatt_block_indexes == tuple(range(32))
+    # No windows: the processor's patch order throughout, one attention region per image.
+    layout = build_vision_layout(torch.tensor([[1, 6, 10], [1, 4, 4]]), extras)
+    assert layout.window_index.tolist() == list(range(19))
+    assert layout.cu_window_seqlens.tolist() == layout.cu_image_seqlens.tolist() == [0, 60, 76]
+    # Its plain 5120-wide MLP fits TE's FP8 shape rule, where Qwen2.5-VL's 3420-wide gated one does not.
+    _, vis, _ = configs_from_hf(qwen2_vl_hub_config("7B"), ParallelLayout(tp=2), params_dtype=torch.bfloat16,
+                                fp8_vision=True, **fp8_overrides("e4m3", "tensorwise", 0))
+    assert vis.fp8 == "e4m3"
+    with pytest.raises(LayoutError, match="fp8_vision"):
+        configs_from_hf(HUB["7B"], ParallelLayout(tp=2), params_dtype=torch.bfloat16, fp8_vision=True,
+                        **fp8_overrides("e4m3", "tensorwise", 0))

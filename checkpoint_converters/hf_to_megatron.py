@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Convert a Hugging Face Qwen2.5-VL checkpoint into a megatron-core distributed checkpoint.
+"""Convert a Hugging Face Qwen2.5-VL (or Qwen2-VL, by its model_type) checkpoint into a megatron-core
+distributed checkpoint.
 
 Run under torchrun/srun with tp*pp ranks, or plainly: the script then starts tp*pp local (gloo)
 processes itself. Each rank reads only the tensors its shard needs. The output reloads under any

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Convert a megatron-core Qwen2.5-VL checkpoint (from hf_to_megatron or from training) to Hugging Face.
+"""Convert a megatron-core Qwen2.5-VL (or Qwen2-VL) checkpoint (from hf_to_megatron or from training) to
+Hugging Face.
 
 Writes sharded safetensors with model.safetensors.index.json in the Hub key naming, config.json and
 the tokenizer / processor / chat-template / generation files, so transformers and vLLM load the

@@ -105,3 +105,28 @@ def test_fp8_hybrid_language_only_forward_backward(gpu_results):
     # 4 language layers: the first and last stay BF16, the middle two run FP8; the vision tower never does.
     assert r["fp8_layers"] == [False, True, True, False]
     assert r["vision_fp8"] is False
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl_gpu_results(tmp_path_factory):
+    """The other family (issue 22) on Transformer Engine: its vision LayerNorm is fused into TE's linears
+    (``layer_norm_weight`` and ``layer_norm_bias``, mapped by the family's table)."""
+    from tests.qwen_fixtures import build_batch, build_checkpoint, hf_reference_logits
+    from visurf_megatron.runtime.spawn import run_world
+
+    hf_dir = build_checkpoint(tmp_path_factory.mktemp("te_qwen2_vl"), "untied", family="qwen2_vl")
+    batch = build_batch(hf_dir, pad_to_multiple=16)
+    reference = hf_reference_logits(hf_dir, batch)
+    (results,) = run_world(te_world, 1, hf_dir, batch, [("local", "local", None), ("te", "te", None)], timeout_s=600)
+    return results, reference, batch["attention_mask"].bool()
+
+
+def test_qwen2_vl_te_backend_matches_local_and_transformers_in_bf16(qwen2_vl_gpu_results):
+    results, reference, real = qwen2_vl_gpu_results
+    te, local = results["te"]["logits"], results["local"]["logits"]
+    assert te.shape == reference.shape
+    assert _min_cosine(te, local, real) >= 0.99
+    assert _min_cosine(te, reference, real) >= 0.99
+    for name in ("te", "local"):
+        g = results[name]["grads"]
+        assert g["finite"] and g["with_grad"] == g["total"], (name, g)

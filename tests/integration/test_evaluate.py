@@ -355,3 +355,19 @@ def test_gui_anomaly_math_chartqa_docvqa_scoring(tmp_path):
     doc.write_text(json.dumps({"id": "d", "question": "what?", "answers": ["hello world", "hi"]}) + "\n")
     recs, m = _score(doc, "docvqa", ["<answer>Hello Word</answer>"])
     assert recs[0]["answer"] == "Hello Word" and m["anls"] == pytest.approx(1 - 1 / 11)
+
+
+def test_a_qwen2_vl_checkpoint_is_evaluated_by_its_model_type(val, tmp_path):
+    """The other family (issue 22): same CLI, no flag; transformers' Qwen2-VL and its processor."""
+    from tools.make_tiny_checkpoint import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "qwen2_vl", seed=0, family="qwen2_vl")
+    out = tmp_path / "out"
+    assert main(["--model", str(ckpt), "--data", str(val), "--task", "grounding", "--segmenter", "box",
+                 "--out", str(out)] + FAST) == 0
+    rows = [json.loads(line) for line in Path(val).read_text().splitlines()]
+    records = _records(out)
+    assert [r["id"] for r in records] == [r["id"] for r in rows]
+    for r in records:
+        assert "<|image_pad|>" in r["prompt"] and isinstance(r["response"], str) and r["response"]
+    assert json.loads((out / "metrics.json").read_text())["metrics"]["count"] == 6

@@ -68,6 +68,7 @@ class ModelSpec:
     patch: int = 14
     merge: int = 2
     window_tokens: int = 64  # (112 / 14) ** 2 patches per attention window
+    vision_gated_mlp: bool = True  # Qwen2.5-VL; Qwen2-VL: fc1 -> quick_gelu -> fc2 and LayerNorm (with bias)
 
     @property
     def head_dim(self) -> int:
@@ -91,10 +92,11 @@ class ModelSpec:
         if self.vision_depth == 0:
             return 0
         hv, fv = self.vision_hidden, self.vision_ffn
-        block = (hv * 3 * hv + 3 * hv) + (hv * hv + hv) + 2 * (hv * fv + fv) + (fv * hv + hv) + 2 * hv
+        fc1s, norm = (2, hv) if self.vision_gated_mlp else (1, 2 * hv)  # RMSNorm: weight; LayerNorm: + bias
+        block = (hv * 3 * hv + 3 * hv) + (hv * hv + hv) + fc1s * (hv * fv + fv) + (fv * hv + hv) + 2 * norm
         patch_embed = 3 * 2 * self.patch ** 2 * hv
         mh = hv * self.merge ** 2
-        merger = hv + (mh * mh + mh) + (mh * self.hidden + self.hidden)
+        merger = norm + (mh * mh + mh) + (mh * self.hidden + self.hidden)
         return patch_embed + self.vision_depth * block + merger
 
     def lm_params(self, tp: int = 1) -> int:
@@ -114,11 +116,17 @@ PRESETS = {
 
 
 def model_from_hf_config(path: str) -> ModelSpec:
-    """ModelSpec from an HF Qwen2.5-VL config.json (either key layout: flat or ``text_config``)."""
+    """ModelSpec from an HF Qwen2.5-VL or Qwen2-VL config.json (either key layout: flat or ``text_config``)."""
     with open(path) as fh:
         cfg = json.load(fh)
     text = {**cfg, **(cfg.get("text_config") or {})}
     vis = cfg.get("vision_config") or {}
+    if cfg.get("model_type") == "qwen2_vl":
+        # Qwen2-VL's vision tower in Qwen2.5-VL's terms: width embed_dim, plain MLP embed_dim * mlp_ratio,
+        # full attention in every block.
+        embed, depth = vis.get("embed_dim", 1280), vis.get("depth", 32)
+        vis = {**vis, "hidden_size": embed, "intermediate_size": int(embed * vis.get("mlp_ratio", 4)),
+               "fullatt_block_indexes": list(range(depth))}
     return ModelSpec(
         name=str(cfg.get("_name_or_path") or path), hidden=text["hidden_size"], layers=text["num_hidden_layers"],
         heads=text["num_attention_heads"], kv_heads=text.get("num_key_value_heads", text["num_attention_heads"]),
@@ -129,6 +137,7 @@ def model_from_hf_config(path: str) -> ModelSpec:
         vision_full_attn_blocks=len(vis.get("fullatt_block_indexes", [7, 15, 23, 31])),
         patch=vis.get("patch_size", 14), merge=vis.get("spatial_merge_size", 2),
         window_tokens=(vis.get("window_size", 112) // vis.get("patch_size", 14)) ** 2,
+        vision_gated_mlp=cfg.get("model_type") != "qwen2_vl",
     )
 
 
@@ -210,7 +219,7 @@ def estimate(model: ModelSpec, layout: Layout, stage: Optional[int] = None) -> d
                   if layout.recompute == "full" else 0.0)
     # Vision tower (stage 0): s_v patches, windowed attention except a few full-attention blocks.
     s_v = _vision_patches(model, layout) * b
-    vis_ffn = model.vision_ffn if layout.swiglu_mlp else None
+    vis_ffn = model.vision_ffn if layout.swiglu_mlp and model.vision_gated_mlp else None
     vis_act = vis_work = 0.0
     if model.vision_depth:
         full = min(model.vision_full_attn_blocks, model.vision_depth)

@@ -168,3 +168,24 @@ def test_cli_suggest(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
+
+
+@pytest.mark.parametrize("size", ["2B", "7B"])
+def test_qwen2_vl_config_counts_what_transformers_builds(tmp_path, size):
+    """A Qwen2-VL config.json (issue 22): its vision tower (embed_dim, plain MLP, LayerNorm with bias) is
+    counted as transformers builds it: every parameter of Qwen2VLForConditionalGeneration, on meta."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from tests.unit.test_hf_fields import qwen2_vl_hub_config
+
+    cfg = qwen2_vl_hub_config(size)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**{k: v for k, v in cfg.items() if k != "architectures"}))
+    want = sum(p.numel() for p in model.parameters())  # tied: the shared matrix once
+    spec = em.model_from_hf_config(str(path))
+    padding = (spec.padded_vocab(1) - spec.vocab) * spec.hidden * (1 if spec.tied else 2)  # megatron pads the vocab
+    assert spec.total_params(1) - padding == want
+    assert spec.vision_full_attn_blocks == spec.vision_depth and not spec.vision_gated_mlp

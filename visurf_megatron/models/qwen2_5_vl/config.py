@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ..families import DEFAULT_MODEL_TYPE, ModelFamily, family, transformers_class
+from ..families import DEFAULT_MODEL_TYPE, FAMILIES, ModelFamily, family, transformers_class
 from .hf_fields import hf_config_dict, read_qwen_vl_fields
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +85,7 @@ def load_hf_config(source: Any):
     reads ``hf_fields``)."""
     from transformers import PretrainedConfig
 
-    if isinstance(source, PretrainedConfig) and getattr(source, "model_type", None) in ("qwen2_5_vl", "qwen2_vl"):
+    if isinstance(source, PretrainedConfig) and getattr(source, "model_type", None) in FAMILIES:
         return source
     data = hf_config_dict(source)
     config_class = transformers_class(data.get("model_type", DEFAULT_MODEL_TYPE), "config")

@@ -203,3 +203,28 @@ def test_tied_checkpoint_needs_no_lm_head(tmp_path):
     e.wake_up()
     e.update_weights(weights.items())
     assert torch.equal(e.model.lm_head.weight, weights["model.embed_tokens.weight"]), "tie restored after level 2"
+
+
+def test_the_model_class_follows_model_type_and_others_are_refused_by_name(tmp_path):
+    """Issue 22: Qwen2-VL by its model_type, no flag; a model_type of no supported family (here a Qwen3-VL
+    config, which transformers would happily load) is refused by name before any weight is built."""
+    import json
+
+    from tools.make_tiny_checkpoint import make_tiny_checkpoint
+    from visurf_megatron.rollout.processor import build_processor
+
+    qwen2 = make_tiny_checkpoint(tmp_path / "qwen2_vl", seed=1, family="qwen2_vl")
+    engine = HFRolloutEngine(qwen2, device="cpu")
+    assert type(engine.model).__name__ == "Qwen2VLForConditionalGeneration"
+    assert type(engine.processor).__name__ == "Qwen2VLProcessor"
+    with pytest.raises(KeyError, match="not a tensor of Qwen2VLForConditionalGeneration"):
+        engine.update_weights([("visual.blocks.0.mlp.gate_proj.weight", torch.zeros(1))])  # Qwen2.5-VL's name
+    processor = build_processor(engine.processor.tokenizer, engine.processor.image_processor, model_type="qwen2_vl")
+    assert type(processor).__name__ == "Qwen2VLProcessor"
+    other = tmp_path / "qwen3_vl"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "qwen3_vl"}))
+    with pytest.raises(ValueError, match="unsupported model_type='qwen3_vl': supported are qwen2_5_vl, qwen2_vl"):
+        HFRolloutEngine(other, device="cpu")
+    with pytest.raises(ValueError, match="unsupported model_type='qwen3_vl'"):
+        build_processor(engine.processor.tokenizer, engine.processor.image_processor, model_type="qwen3_vl")

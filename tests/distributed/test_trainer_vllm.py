@@ -80,3 +80,15 @@ def test_engine_only_where_the_paradigm_rolls_out_and_asleep_until_needed(setup)
     assert sft == {"after_init": None, "after_step": None, "after_sync": []}
     visurf = run_world(engine_lifetime, 1, base, ["algorithm.paradigm=visurf", *common], timeout_s=600)[0]
     assert visurf == {"after_init": ["kv_cache", "weights"], "after_step": ["kv_cache", "weights"], "after_sync": []}
+
+
+def test_visurf_with_vllm_on_a_tiny_qwen2_vl(setup):
+    """The other family (issue 22): vLLM's Qwen2-VL takes the weights streamed from the megatron Qwen2-VL
+    (its own mapping table, by model_type) and agrees with the trainer's log-probs per token."""
+    root, base = setup
+    hf = make_tiny_checkpoint(root / "hf_qwen2_vl", seed=0, heads=2, kv_heads=2, family="qwen2_vl")
+    cfg = {**base, "model": {**base["model"], "hf_path": str(hf)}}
+    results = run_world(vllm_steps, 2, cfg, ["rollout.tp=2", f"logging.dir={root / 'qwen2_vl'}"], STEPS,
+                        timeout_s=900)
+    _check_metrics(results)
+    assert results[0]["fingerprints"] == results[1]["fingerprints"]

@@ -172,3 +172,19 @@ def test_cli_help():
     with pytest.raises(SystemExit) as exc:
         export_main(["--help"])
     assert exc.value.code == 0
+
+
+def test_a_qwen2_vl_checkpoint_exports_by_its_model_type(assets):
+    """The other family (issue 22): FP8 export of a tiny Qwen2-VL; the language projections are quantised,
+    its vision tower (fc1/fc2, LayerNorm biases) is kept byte-equal."""
+    from tools.make_tiny_checkpoint import make_tiny_checkpoint
+
+    root, _, data = assets
+    hf = make_tiny_checkpoint(root / "hf_qwen2_vl", seed=3, vocab_size=500, dtype="bf16", family="qwen2_vl")
+    out = _export((root, hf, data), "fp8_qwen2_vl", "--format", "fp8")
+    source, exported = _tensors(hf), _tensors(out)
+    quantised = json.loads((out / "export_report.json").read_text())["modules"]["quantised"]
+    assert len(quantised) == 4 * 7 and all(q.startswith("model.layers.") for q in quantised)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_vl"
+    for key in ("visual.blocks.0.mlp.fc1.weight", "visual.blocks.0.norm1.bias", "visual.merger.ln_q.bias"):
+        assert source[key].contiguous().view(torch.uint8).equal(exported[key].contiguous().view(torch.uint8)), key

@@ -1,4 +1,4 @@
-"""Quantised serving export of a Qwen2.5-VL Hugging Face checkpoint with nvidia-modelopt.
+"""Quantised serving export of a Qwen2.5-VL (or Qwen2-VL) Hugging Face checkpoint with nvidia-modelopt.
 
 HF directory in (``checkpoint_converters/megatron_to_hf.py``'s output), a directory vLLM / TensorRT-LLM
 load out: ``model.safetensors`` with quantised weights and their scales, ``hf_quant_config.json``, the
@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from ..models.families import FAMILIES
 from .calibration import (PromptSettings, Progress, calibration_loop, encode_prompts, load_prompt_samples,
                           measure_fidelity, no_progress, reference_logprobs)
 
@@ -118,8 +119,8 @@ def read_source_config(src: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{src}: no config.json (expected a Hugging Face checkpoint directory)")
     config = json.loads(path.read_text())
-    if config.get("model_type") != "qwen2_5_vl":
-        raise ValueError(f"{src}: model_type {config.get('model_type')!r}, expected 'qwen2_5_vl'")
+    if config.get("model_type") not in FAMILIES:  # Qwen2.5-VL or Qwen2-VL (models/families.py)
+        raise ValueError(f"{src}: model_type {config.get('model_type')!r}, expected one of {', '.join(FAMILIES)}")
     if config.get("quantization_config") or (src / "hf_quant_config.json").exists():
         raise ValueError(f"{src}: already quantised; export from the unquantised checkpoint")
     return config
@@ -292,7 +293,7 @@ def export_quantized(src: str | Path, out: str | Path, options: ExportOptions,
         import modelopt
         import modelopt.torch.quantization as mtq
         from modelopt.torch.export import export_hf_checkpoint
-        from transformers import Qwen2_5_VLForConditionalGeneration
+        from visurf_megatron.models.families import transformers_class
 
         from visurf_megatron.rollout.processor import load_processor
 
@@ -311,7 +312,8 @@ def export_quantized(src: str | Path, out: str | Path, options: ExportOptions,
                     if t is not None]
 
         dtype = _DTYPES[options.dtype]
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(src, dtype=dtype).to(device).eval()
+        model_class = transformers_class(source_config["model_type"], "model")
+        model = model_class.from_pretrained(src, dtype=dtype).to(device).eval()
         reference = reference_logprobs(model, eval_enc, skip_ids, progress)
         mtq.quantize(model, quant_config(fmt, options.quantize_vision), calibration_loop(calib_enc, progress))
         fidelity = measure_fidelity(model, eval_enc, reference, skip_ids, progress)

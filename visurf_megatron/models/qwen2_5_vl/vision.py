@@ -231,8 +231,9 @@ class Qwen25VisionModel(MegatronModule):
             rotary = torch.cat([rotary, rotary.new_zeros(pad, *rotary.shape[1:])])
             cu_window = torch.cat([cu_window, cu_window[-1:] + pad])
             cu_image = torch.cat([cu_image, cu_image[-1:] + pad])
-        window_args = self._region_args(cu_window, n + pad, device)
         image_args = self._region_args(cu_image, n + pad, device)
+        # Without windows (Qwen2-VL) every block attends per image: one region set, built once.
+        window_args = self._region_args(cu_window, n + pad, device) if ex.family.vision_windows else image_args
         x = self._run_layers(x, rotary, window_args, image_args)[:n]
         merged = self.merger(x.squeeze(1))
         return merged[layout.reverse_index.to(device)]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from visurf_megatron.config import ConfigError, from_dict
-from visurf_megatron.models.qwen2_5_vl.packing import block_causal_mask, packed_attention_inputs
+from visurf_megatron.models.qwen2_5_vl.packing import packed_attention_inputs
 from visurf_megatron.models.qwen2_5_vl.rope import mrope_position_ids
 from visurf_megatron.training.batching import PreparedPrompt, Row, collate
 from visurf_megatron.training.packing import assign_rows, build_micro_batches, collate_packed, stream_length
@@ -91,27 +91,18 @@ def test_build_micro_batches_padded_by_default_packed_with_a_budget():
     assert all(mb.loss_mask.shape[1] == 12 for mb in packed)  # the padded layout's row width
 
 
-def test_block_causal_mask():
-    mask = block_causal_mask(torch.tensor([0, 2, 5]), 5)[0, 0]
-    allowed = ~mask
-    expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]],
-                            dtype=torch.bool)
-    assert torch.equal(allowed, expected)
-    with pytest.raises(ValueError, match="cu_seqlens"):
-        block_causal_mask(torch.tensor([0, 2, 4]), 5)
-
-
-def test_transformer_engine_gets_thd_params_and_refuses_fused_rope():
+@pytest.mark.parametrize("backend", ["te", "local"])
+def test_both_backends_get_thd_params_and_fused_rope_is_refused(backend):
     class Cfg:  # the two TransformerConfig fields read
         apply_rope_fusion = False
         context_parallel_size = 1
 
-    mask, params = packed_attention_inputs(torch.tensor([0, 3, 8]), 5, 8, backend="te", config=Cfg())
+    mask, params = packed_attention_inputs(torch.tensor([0, 3, 8]), 5, 8, backend=backend, config=Cfg())
     assert mask is None and params.qkv_format == "thd" and params.cu_seqlens_q.dtype == torch.int32
     assert params.cu_seqlens_q.tolist() == [0, 3, 8] and params.max_seqlen_kv == 5
     Cfg.apply_rope_fusion = True
     with pytest.raises(ValueError, match="apply_rope_fusion"):
-        packed_attention_inputs(torch.tensor([0, 3, 8]), 5, 8, backend="te", config=Cfg())
+        packed_attention_inputs(torch.tensor([0, 3, 8]), 5, 8, backend=backend, config=Cfg())
 
 
 def test_budget_config_is_validated():

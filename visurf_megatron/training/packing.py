@@ -4,8 +4,9 @@ The padded layout (``batching.collate``) gives every row the length of the updat
 With ``train.max_tokens_per_micro_batch`` set, a micro-batch is instead one stream of whole rows
 (never split) followed by padding up to the budget:
 
-* each row attends only to itself, causally: a block-diagonal causal mask with the local spec,
-  THD ``cu_seqlens`` with Transformer Engine (``models.qwen2_5_vl.packing``), from ``cu_seqlens``;
+* each row attends only to itself, causally: the stream reaches attention as THD ``cu_seqlens``
+  (Transformer Engine: varlen attention; local spec: megatron's attention run per row, see
+  ``models.qwen2_5_vl.packing``);
 * each row has its own 3-row mrope positions, restarting at 0 (exactly the padded row's);
 * each distinct prompt's images are encoded once per micro-batch and their embeddings gathered
   into every row of the group that sits in it (``image_embed_index``), so the gradients of all

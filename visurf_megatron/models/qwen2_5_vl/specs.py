@@ -72,7 +72,12 @@ def language_layer_spec(backend: Backend) -> ModuleSpec:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()
-    return local_layer_spec()
+    from .packing import SegmentedDotProductAttention
+
+    spec = local_layer_spec()  # a copy: safe to change
+    # Packed micro-batches reach attention as THD streams; this core attends per row (packing.py).
+    spec.submodules.self_attention.submodules.core_attention = SegmentedDotProductAttention
+    return spec
 
 
 def vision_layer_spec(backend: Backend, norm: str = "RMSNorm") -> ModuleSpec:

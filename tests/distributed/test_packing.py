@@ -130,3 +130,13 @@ def test_thd_rope_takes_each_rows_own_mrope_angles(hf_dir):
     assert result["worst"] <= 1e-6, result
     assert result["naive"] > 1e-2, result
     print(f"THD rope vs padded: {result}")
+
+
+def test_packed_equals_padded_tp2xpp2_sp(hf_dir):
+    results = run_world(packed_vs_padded, 4, hf_dir, [(2, 2, True)], BUDGET, timeout_s=900)
+    worst = {}
+    for rank_results in results:
+        for k, v in check(rank_results[0]).items():
+            worst[k] = max(worst.get(k, 0.0), v)
+    assert sum(r[0]["last_stage"] for r in results) == 2
+    print(f"packed vs padded TP2xPP2+SP, worst: {worst}")

@@ -19,6 +19,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from visurf_megatron.runtime.spawn import freeze_gc
+
 from . import export
 from .hf_writer import ShardPlan, SlotWriter, commit_output, parse_size, prepare_output
 from .hf_import import StreamedHFParams, check_hf_tensors
@@ -104,7 +106,7 @@ def _import_megatron_deferring_compile() -> None:
     finally:
         if gc_was_enabled:
             gc.enable()
-    gc.freeze()
+    freeze_gc()
 
 
 def _release_freed_tensors_to_the_os() -> None:

@@ -91,10 +91,17 @@ def _rank_main(rank, world_size, port, fn, args, kwargs, results, env):
     # transformers imported (~400k objects): ~1 s per rank that the parent spends in join().
     # Frozen objects are skipped by those passes; atexit handlers, stream flushing and the queue's
     # feeder thread still run as usual (only __del__ of objects kept alive by a cycle is not run).
-    # Not with vLLM loaded: triton's nanobind extension then reports every object it still sees at
-    # exit as leaked (a page per rank).
-    if "triton._C.libtriton" not in sys.modules:
-        gc.freeze()
+    freeze_gc()
+
+
+def freeze_gc() -> bool:
+    """``gc.freeze()`` (see its callers for why) unless triton's nanobind extension is loaded
+    (megatron-core imports triton where it is installed, and vLLM needs it): nanobind then reports
+    every object it still sees at exit as leaked, a page per process. Returns whether it froze."""
+    if "triton._C.libtriton" in sys.modules:
+        return False
+    gc.freeze()
+    return True
 
 
 def _kill(procs) -> None:

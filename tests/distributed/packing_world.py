@@ -215,3 +215,23 @@ def thd_rope_world(hf_dir):
         worst = max(worst, float((thd[at] - bshd[:n, r]).abs().max()))
         wrong_restart = max(wrong_restart, float((naive[at] - bshd[:n, r]).abs().max()))
     return {"worst": worst, "naive": wrong_restart, "total": int(pk.cu_seqlens[-1]), "T": pk.input_ids.shape[1]}
+
+
+def gt_style_scores(base: dict, overrides: list[str], budget: int) -> dict:
+    """``gt_style: auto``'s teacher-forced scores of this rank's first prompts, padded and packed."""
+    from visurf_megatron.training.batching import sequence_multiple
+    from visurf_megatron.training.gt_style_choice import candidate_styles, score_gt_styles
+    from visurf_megatron.training.trainer import Trainer
+
+    from .trainer_world import _config
+
+    trainer = Trainer(_config(base, overrides))
+    par = trainer.cfg.parallel
+    prompts = [trainer.preparer(s) for s in trainer.feed.next_batch()]
+    kw = dict(tokenizer=trainer.tokenizer, end_of_turn_id=trainer.end_of_turn_id,
+              image_token_id=trainer.extras.image_token_id, pad_id=trainer.pad_id,
+              spatial_merge_size=trainer.extras.spatial_merge_size, micro_batch_size=2,
+              seq_multiple=sequence_multiple(par.tp, par.sequence_parallel, False))
+    out = {m: score_gt_styles(trainer.chunks, prompts, candidate_styles(), max_tokens=m, **kw) for m in (0, budget)}
+    trainer.logger.close()
+    return out

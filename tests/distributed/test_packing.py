@@ -140,3 +140,27 @@ def test_packed_equals_padded_tp2xpp2_sp(hf_dir):
             worst[k] = max(worst.get(k, 0.0), v)
     assert sum(r[0]["last_stage"] for r in results) == 2
     print(f"packed vs padded TP2xPP2+SP, worst: {worst}")
+
+
+def test_gt_style_scores_packed_equal_padded(hf_dir, tmp_path):
+    """``algorithm.gt_style: auto`` scores its candidates with the update's micro-batches: packed
+    streams (TP2+SP) give the padded scores."""
+    from tools.make_synthetic_grounding import generate
+
+    from .packing_world import gt_style_scores
+
+    generate(tmp_path / "data", train=8, val=0, size=56, seed=2, no_object_fraction=0.25, progress=False)
+    base = {
+        "model": {"hf_path": str(hf_dir), "dtype": "fp32", "spec": "local"},
+        "parallel": {"tp": 2, "pp": 1, "sequence_parallel": True},
+        "algorithm": {"paradigm": "visurf"},
+        "rollout": {"engine": "hf", "n": 2, "max_new_tokens": 8},
+        "data": {"train_path": str(tmp_path / "data" / "train.jsonl"), "image_size": 56, "prompts_per_step": 3},
+        "train": {"steps": 1, "lr": 1.0e-3, "micro_batch_size": 2},
+        "logging": {"dir": str(tmp_path / "logs"), "tensorboard": False},
+    }
+    scores = run_world(gt_style_scores, 2, base, [], 600, timeout_s=600)[0]
+    padded, packed = scores[0], scores[600]
+    assert set(padded) == set(packed) and len(padded) > 1
+    for style, ref in padded.items():
+        assert abs(packed[style] - ref) <= 1e-5 * abs(ref), (style, packed[style], ref)

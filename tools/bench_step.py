@@ -37,6 +37,57 @@ def _vision_clock(trainer) -> list:
     return spent
 
 
+class _ActivationMeter:
+    """Peak bytes of tensors autograd keeps for backward (the activations, which scale with the tokens of
+    a micro-batch), each storage counted once while alive; parameters are not activations and are
+    skipped. On CPU this stands in for the GPU's peak memory per micro-batch."""
+
+    def __init__(self):
+        import torch
+
+        self.live: dict = {}
+        self.bytes = self.peak = 0
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, t):
+        import weakref
+
+        import torch
+
+        base = t if t._base is None else t._base
+        if isinstance(base, torch.nn.Parameter) or t.device.type == "meta":
+            return t
+        key = base.untyped_storage().data_ptr()
+        if key not in self.live:
+            self.live[key] = [base.untyped_storage().nbytes(), 0]
+            self.bytes += self.live[key][0]
+            self.peak = max(self.peak, self.bytes)
+        self.live[key][1] += 1
+        holder = _Held(t)
+        weakref.finalize(holder, self._release, key)
+        return holder
+
+    def _release(self, key):
+        entry = self.live.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.bytes -= entry[0]
+            del self.live[key]
+
+    @staticmethod
+    def _unpack(held):
+        return held.tensor if isinstance(held, _Held) else held
+
+
+class _Held:
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
 def _bench(base: dict, steps: int, budget: int) -> dict:
     import torch
 
@@ -50,7 +101,8 @@ def _bench(base: dict, steps: int, budget: int) -> dict:
     vision = _vision_clock(trainer)
     paradigms = {"rlvr": get_paradigm("rlvr"), "visurf": get_paradigm("visurf")}
     modes = {"padded": 0, "packed": budget}
-    timings = {(name, mode, part): [] for name in paradigms for mode in modes for part in ("step", "update", "vision")}
+    timings = {(name, mode, part): [] for name in paradigms for mode in modes
+               for part in ("step", "update", "vision", "act_mb")}
     for step in range(steps + 1):  # step 0 warms caches up and is not counted
         prompts = [trainer.preparer(s) for s in trainer.feed.next_batch()]
         t0 = time.perf_counter()
@@ -74,13 +126,16 @@ def _bench(base: dict, steps: int, budget: int) -> dict:
             for mode, max_tokens in modes.items():
                 trainer.cfg.train.max_tokens_per_micro_batch = max_tokens
                 vision[0] = 0.0
+                meter = _ActivationMeter()
                 t2 = time.perf_counter()
-                trainer._update(rows, prompts, train_rows, info, MetricSums())
+                with meter.hooks:
+                    trainer._update(rows, prompts, train_rows, info, MetricSums())
                 update = time.perf_counter() - t2
                 if step > 0:
                     timings[(name, mode, "step")].append(shared + before + update)
                     timings[(name, mode, "update")].append(update)
                     timings[(name, mode, "vision")].append(vision[0])
+                    timings[(name, mode, "act_mb")].append(meter.peak / 2**20)
     return {key: statistics.median(values) for key, values in timings.items()}
 
 
@@ -116,11 +171,12 @@ def main(argv=None) -> int:
         result = run_world(_bench, args.nproc, base, args.steps, args.max_tokens, timeout_s=3600)[0]
     print(f"median seconds over {args.steps} steps (G={args.rollouts}, {args.prompts} prompts, TP{args.nproc}; "
           f"padded: {args.micro_batch_size} rows per micro-batch, packed: {args.max_tokens} tokens):")
-    print(f"  {'':8s} {'layout':7s} {'step':>8s} {'update':>8s} {'vision':>8s}")
+    print("  (act MB: peak activations autograd holds during the update, TP rank 0: one micro-batch at PP1)")
+    print(f"  {'':8s} {'layout':7s} {'step':>8s} {'update':>8s} {'vision':>8s} {'act MB':>8s}")
     for name, label in (("rlvr", "RLVR"), ("visurf", "ViSurf")):
         for mode in ("padded", "packed"):
             print(f"  {label:8s} {mode:7s} " + " ".join(f"{result[(name, mode, part)]:8.3f}"
-                                                       for part in ("step", "update", "vision")))
+                                                       for part in ("step", "update", "vision", "act_mb")))
     for name, label in (("rlvr", "RLVR"), ("visurf", "ViSurf")):
         speedup = result[(name, "padded", "update")] / result[(name, "packed", "update")]
         print(f"  {label} update speed-up packed/padded = {speedup:.2f}x")

@@ -4,7 +4,6 @@ import torch
 
 from visurf_megatron.config import ConfigError, from_dict
 from visurf_megatron.models.qwen2_5_vl.packing import packed_attention_inputs
-from visurf_megatron.models.qwen2_5_vl.rope import mrope_position_ids
 from visurf_megatron.training.batching import PreparedPrompt, Row, collate
 from visurf_megatron.training.packing import assign_rows, build_micro_batches, collate_packed, stream_length
 

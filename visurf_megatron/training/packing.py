@@ -48,7 +48,8 @@ def stream_length(lengths: Sequence[int], budget: int, multiple: int = 1) -> int
     return -(-max(budget, longest) // multiple) * multiple
 
 
-def assign_rows(lengths: Sequence[int], groups: Sequence[int], capacity: int, num_bins: int) -> Optional[list[list[int]]]:
+def assign_rows(lengths: Sequence[int], groups: Sequence[int], capacity: int,
+                num_bins: int) -> Optional[list[list[int]]]:
     """Positions of ``lengths`` in ``num_bins`` bins of ``capacity`` tokens, or None if one does not fit.
 
     Longest first, each row to the least-loaded bin it fits; a bin already holding a row of the

@@ -123,7 +123,8 @@ def _bench(base: dict, steps: int, budget: int) -> dict:
             trainer._rows_for_metrics = rows
             train_rows = [i for i in range(len(rows)) if info.active_rows[i]]
             before = time.perf_counter() - t1  # rows and rewards: the same for both layouts
-            for mode, max_tokens in modes.items():
+            order = list(modes.items())
+            for mode, max_tokens in order if step % 2 else order[::-1]:  # alternate: no order bias
                 trainer.cfg.train.max_tokens_per_micro_batch = max_tokens
                 vision[0] = 0.0
                 meter = _ActivationMeter()

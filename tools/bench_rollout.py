@@ -13,7 +13,6 @@ last line is the ratio vLLM / transformers.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -39,18 +38,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=112, help="side of each prompt's image (default 112)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     return p.parse_args(argv)
-
-
-def _single_rank_world() -> None:
-    """external_launcher runs inside a torch.distributed world: a gloo world of one here."""
-    import torch.distributed as dist
-
-    from visurf_megatron.runtime.spawn import free_port
-
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
 
 
 def _requests(ckpt: Path, count: int, size: int):
@@ -93,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tools.make_tiny_checkpoint import make_tiny_checkpoint
     from visurf_megatron.rollout.base import SamplingConfig
     from visurf_megatron.rollout.hf_engine import HFRolloutEngine
+    from visurf_megatron.runtime.spawn import init_single_process_world
 
     dtype = torch.float32 if a.dtype == "fp32" else torch.bfloat16
     sampling = SamplingConfig(n=a.n, temperature=1.0, max_new_tokens=a.new_tokens, seed=0)
@@ -110,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"transformers: {hf_rate:8.1f} tok/s  (calls: {', '.join(f'{s:.2f}s' for s in hf_s)})", flush=True)
         del hf
 
-        _single_rank_world()
+        init_single_process_world()
         t0 = time.perf_counter()
         from visurf_megatron.rollout.vllm_engine import VLLMRolloutEngine
         import vllm  # noqa: F401 - timed here: the import is a fixed cost of the engine

@@ -20,7 +20,7 @@ from visurf_megatron.runtime.spawn import run_world
 
 from .sync_world import make_requests
 from .test_weight_sync import make_prompts
-from .vllm_world import engine_world
+from .vllm_world import engine_world, summarise
 
 NEW_TOKENS, TEMPERATURE = 12, 0.8
 # Engine vs engine, per token. At rollout TP2 vLLM adds the row-parallel halves in another order than
@@ -63,8 +63,7 @@ def references(setup):
         engine = HFRolloutEngine(setup[key], device="cpu", dtype=torch.float32)
         engine.load_checkpoint_weights()
         greedy = engine.generate(requests, SamplingConfig(temperature=0.0, max_new_tokens=NEW_TOKENS))
-        out[key] = (engine, [[(c.prompt_token_ids, c.response_token_ids, c.logprobs, c.finish_reason) for c in g]
-                             for g in greedy])
+        out[key] = (engine, summarise(greedy))
     return out
 
 

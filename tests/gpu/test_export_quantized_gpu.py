@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.integration.test_export_quantized import _tensors
+
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (NVFP4 calibration, FP8 kernels)"),
     pytest.mark.skipif(importlib.util.find_spec("modelopt") is None, reason="needs nvidia-modelopt"),
@@ -45,16 +47,6 @@ def _export(assets, fmt: str) -> Path:
     out = root / fmt
     assert main([str(hf), str(out), "--format", fmt, "--data", str(data), "--calib-samples", "8",
                  "--eval-samples", "4", "--image-size", "56", "--device", "cuda", "--no-progress"]) == 0
-    return out
-
-
-def _tensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    out = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
     return out
 
 

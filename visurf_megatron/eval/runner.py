@@ -144,25 +144,6 @@ def _torch_dtype(name: Optional[str], cuda: bool):
     return table[name]
 
 
-def _single_process_group() -> None:
-    """vLLM's external_launcher runs inside an initialised torch.distributed world (here of one)."""
-    import socket
-
-    import torch
-
-    if torch.distributed.is_initialized():
-        return
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-
-
 def build_engine(cfg: EvalConfig):
     """(engine, processor) with the checkpoint's own weights loaded."""
     import torch
@@ -178,8 +159,9 @@ def build_engine(cfg: EvalConfig):
         return engine, engine.processor
     from visurf_megatron.checkpoint.safetensors_io import open_hf_checkpoint
     from visurf_megatron.rollout.vllm_engine import VLLMRolloutEngine  # lazy: imports vLLM (CUDA or CPU build)
+    from visurf_megatron.runtime.spawn import init_single_process_world
 
-    _single_process_group()
+    init_single_process_world()
     engine = VLLMRolloutEngine(cfg.model, tensor_parallel_size=1, gpu_memory_utilization=cfg.gpu_memory_utilization,
                                dtype={"fp32": "float32", "fp16": "float16"}.get(cfg.dtype or "bf16", "bfloat16"),
                                max_model_len=cfg.max_model_len)

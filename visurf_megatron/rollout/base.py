@@ -172,6 +172,9 @@ class RolloutEngine(Protocol):
         """Re-acquire memory (``tags`` subset of ``WAKE_TAGS``; None: all). After a level-2 sleep the
         weights must be updated before ``generate``."""
 
+    def shutdown(self) -> None:
+        """Release the engine for good (collective for SPMD engines); the process groups stay."""
+
 
 @dataclass
 class EngineState:

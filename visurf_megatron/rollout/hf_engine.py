@@ -237,3 +237,6 @@ class HFRolloutEngine:
             self.state.asleep.discard("kv_cache")
         if not self.state.asleep:
             self._sleep_level = 0
+
+    def shutdown(self) -> None:
+        """Nothing outlives the model object here (no engine core, no process groups)."""

@@ -34,6 +34,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def init_single_process_world() -> None:
+    """A torch.distributed world of this process alone, described in the environment as torchrun
+    would (vLLM's external_launcher runs inside an initialised world and reads it there), on a free
+    port unless MASTER_PORT is set. Nothing happens inside an existing world."""
+    import torch
+
+    if torch.distributed.is_initialized():
+        return
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
 def fork_is_safe() -> bool:
     """Whether ranks may be forked from this process: Linux, a single thread (a lock held by
     another thread would stay locked in the child forever) and no CUDA here (CUDA cannot be used

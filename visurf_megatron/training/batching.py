@@ -30,6 +30,11 @@ class PreparedPrompt:
     solution: object = None  # reward target in the frame of ``images``
     sample: object = None
 
+    @property
+    def has_images(self) -> bool:
+        """Text-only prompts carry no grid (or an empty one)."""
+        return self.image_grid_thw is not None and len(self.image_grid_thw) > 0
+
 
 @dataclass
 class Row:
@@ -164,8 +169,7 @@ def collate(
     labels = torch.roll(input_ids, -1, dims=1)
     labels[:, -1] = pad_id
     # Text-only prompts (no pixels) may sit next to prompts with images.
-    with_images = [prompts[r.prompt] for r in sources
-                   if prompts[r.prompt].image_grid_thw is not None and len(prompts[r.prompt].image_grid_thw)]
+    with_images = [prompts[r.prompt] for r in sources if prompts[r.prompt].has_images]
     pixel_values = torch.cat([p.pixel_values for p in with_images]) if with_images else None
     image_grid_thw = torch.cat([p.image_grid_thw for p in with_images]) if with_images else None
     position_ids, _ = mrope_position_ids(

@@ -135,7 +135,7 @@ def collate_packed(
         prompt = prompts[row.prompt]
         start, n = offsets[-1], len(seq)
         input_ids[0, start:start + n] = seq
-        grid = prompt.image_grid_thw if prompt.image_grid_thw is not None and len(prompt.image_grid_thw) else None
+        grid = prompt.image_grid_thw if prompt.has_images else None
         # Positions of the row alone: they restart at 0 for every row, as in its own padded row.
         pos, _ = mrope_position_ids(seq.unsqueeze(0), grid, image_token_id=image_token_id,
                                     spatial_merge_size=spatial_merge_size)

@@ -416,7 +416,7 @@ class Trainer:
     def close(self) -> None:
         """Close the logs and release the rollout engine (collective for the vLLM engine)."""
         self.logger.close()
-        if self.engine is not None and hasattr(self.engine, "shutdown"):
+        if self.engine is not None:
             self.engine.shutdown()
         self.engine = None
 

@@ -138,6 +138,9 @@ class TrainConfig:
     # 0 = off: padded micro-batches of micro_batch_size rows. N > 0: each micro-batch packs whole rows
     # into one stream of N tokens (training/packing.py; micro_batch_size is then unused).
     max_tokens_per_micro_batch: int = 0
+    # Packed micro-batches only: encode each distinct prompt's images once per update (true) instead
+    # of once per micro-batch that holds one of its rows (false); the numbers are the same either way.
+    shared_vision_pass: bool = True
     mini_batches_per_step: int = 1
     epochs_per_batch: int = 1
     seed: int = 42

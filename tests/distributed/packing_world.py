@@ -85,10 +85,14 @@ def _grads(model, ps):
 
 
 def update(model, ps, micro, rows, info, paradigm, *, scale_dp):
-    """One update's loss and gradients, and each row's per-token log-probs (forward only)."""
+    """One update's loss and gradients, each row's per-token log-probs (forward only), and the vision
+    tower's passes (forward calls, images encoded) over both schedule runs."""
     from visurf_megatron.training.forward import run_micro_batches
     from visurf_megatron.training.update_loss import attach_rows, update_loss_fn
 
+    passes = []
+    vision = getattr(model, "vision_model", None)
+    hook = vision.register_forward_hook(lambda mod, args, out: passes.append(int(args[1].shape[0]))) if vision else None
     attach_rows(micro, info)
     outputs = run_micro_batches([model], micro, lambda mb, logp, ent: (logp.sum() * 0, {"logp": logp.detach()}),
                                 forward_only=True)
@@ -102,7 +106,9 @@ def update(model, ps, micro, rows, info, paradigm, *, scale_dp):
     model.zero_grad(set_to_none=True)
     outputs = run_micro_batches([model], micro, loss_fn, forward_only=False, with_entropy=True, entropy_grad=False)
     loss = sum(float(o["loss"]) for o in outputs) if outputs else None
-    return {"logp": logp, "loss": loss, "grads": _grads(model, ps)}
+    if hook is not None:
+        hook.remove()
+    return {"logp": logp, "loss": loss, "grads": _grads(model, ps), "vision_passes": passes}
 
 
 def packed_vs_padded(hf_dir, layouts, budget, dp_rows=None):
@@ -129,15 +135,19 @@ def packed_vs_padded(hf_dir, layouts, budget, dp_rows=None):
                       micro_batch_size=2, multiple=multiple, group=ps.get_data_parallel_group())
         padded = build_micro_batches(rows, indices, prompts, **common)
         packed = build_micro_batches(rows, indices, prompts, max_tokens=budget, **common)
+        own = build_micro_batches(rows, indices, prompts, max_tokens=budget, share_vision=False, **common)
         dp = ps.get_data_parallel_world_size()
         results.append({
             "layout": (tp, pp, sp), "dp_rank": dp_rank, "last_stage": ps.is_pipeline_last_stage(),
             "lengths": {i: row_length(rows[i], prompts) for i in indices},
             "prompt_of": {i: rows[i].prompt for i in indices},
             "plan": [mb.row_index.tolist() for mb in packed], "stream": tuple(packed[0].input_ids.shape),
-            "multiple": multiple,
+            "multiple": multiple, "first_stage": ps.is_pipeline_first_stage(),
+            "images": sum(int(prompts[p].image_grid_thw.shape[0])
+                          for p in {rows[i].prompt for i in indices} if prompts[p].has_images),
             "padded": update(model, ps, padded, rows, info, paradigm, scale_dp=dp),
             "packed": update(model, ps, packed, rows, info, paradigm, scale_dp=dp),
+            "packed_own_vision": update(model, ps, own, rows, info, paradigm, scale_dp=dp),
         })
     return results
 

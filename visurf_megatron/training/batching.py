@@ -70,6 +70,9 @@ class MicroBatch:
     cu_seqlens: Optional[torch.Tensor] = None  # int32 [K+1]: segment offsets (the rows, then the tail)
     max_seqlen: Optional[int] = None  # longest segment (Transformer Engine's THD attention needs it)
     image_embed_index: Optional[torch.Tensor] = None  # [image slots]: vision output row of each slot
+    # Packed with one vision pass per update: the update's images, the same object in every one of
+    # its micro-batches (pixel_values is then None; image_embed_index points into its output).
+    shared_vision: Optional["SharedVision"] = None
 
     @property
     def packed(self) -> bool:
@@ -81,6 +84,21 @@ class MicroBatch:
 
     def to(self, device) -> "MicroBatch":
         return to_device(self, device)
+
+
+class SharedVision:
+    """The images of every distinct prompt of an update, in one batch: ``forward.run_micro_batches``
+    encodes them once and each micro-batch gathers its image slots from that output through
+    ``MicroBatch.image_embed_index``, so the gradients of every row flow into the one pass.
+
+    Deliberately not a dataclass: ``to_device`` moves every dataclass field of every micro-batch,
+    and this object is shared by all of them and moved once, by the vision pass."""
+
+    __slots__ = ("pixel_values", "image_grid_thw")
+
+    def __init__(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
+        self.pixel_values = pixel_values
+        self.image_grid_thw = image_grid_thw
 
 
 T = TypeVar("T")

@@ -14,8 +14,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+from megatron.core.utils import get_model_config
 
-from .batching import MicroBatch
+from .batching import MicroBatch, SharedVision
 from .packing import unpack_rows
 
 
@@ -56,6 +57,63 @@ def model_device(model: torch.nn.Module) -> torch.device:
     raise ValueError(f"{type(model).__name__} has no parameters to tell its device")
 
 
+def _innermost(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside megatron's wrappers (DistributedDataParallel, Float16Module)."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+@contextlib.contextmanager
+def shared_vision_pass(model_chunks: Sequence[torch.nn.Module], shared: Optional[SharedVision], *,
+                       forward_only: bool):
+    """Encode an update's images once, for every micro-batch of the schedule run inside.
+
+    Yields the vision output on the first pipeline stage (None elsewhere, or without ``shared``).
+    For training it yields a detached copy that requires grad: each micro-batch's backward adds
+    its rows' gradients into that copy's ``.grad``, and the vision tower's one backward, with the
+    sum, runs inside the schedule just before its gradient finalisation (DP all-reduce), by
+    wrapping ``config.finalize_model_grads_func`` for the duration. The gradients are exactly what
+    backpropagating through a fresh pass per micro-batch gives (sums of the same terms)."""
+    model = _innermost(model_chunks[0])
+    if shared is None or not getattr(model, "pre_process", False) or getattr(model, "vision_model", None) is None:
+        yield None
+        return
+    device = model_device(model)
+    pixels, grid = shared.pixel_values.to(device), shared.image_grid_thw.to(device)
+    if forward_only:
+        with torch.no_grad():
+            embeds = model.vision_model(pixels, grid)
+        yield embeds
+        return
+    embeds = model.vision_model(pixels, grid)
+    if not embeds.requires_grad:  # a frozen vision tower and merger: nothing flows back
+        yield embeds
+        return
+    leaf = embeds.detach().requires_grad_(True)
+    config = get_model_config(model_chunks[0])
+    finalize = config.finalize_model_grads_func
+    pending = [True]
+
+    def backward_vision():
+        if pending and leaf.grad is not None:
+            embeds.backward(leaf.grad)
+        pending.clear()
+
+    def backward_vision_then_finalize(*args, **kwargs):
+        backward_vision()
+        if finalize is not None:
+            return finalize(*args, **kwargs)
+        return None
+
+    config.finalize_model_grads_func = backward_vision_then_finalize
+    try:
+        yield leaf
+    finally:
+        config.finalize_model_grads_func = finalize
+    backward_vision()  # only where the schedule ran without finalising (no exception got here)
+
+
 LossFn = Callable[[MicroBatch, torch.Tensor, Optional[torch.Tensor]], tuple[torch.Tensor, dict]]
 
 
@@ -81,12 +139,18 @@ def run_micro_batches(
     """
     batches = list(micro_batches)
     iterator = iter(batches)
+    shared = next((mb.shared_vision for mb in batches if mb.shared_vision is not None), None)
+    if any(mb.shared_vision not in (None, shared) for mb in batches):
+        raise ValueError("the micro-batches of one schedule run must share one SharedVision")
+    image_embeds = None
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator).to(model_device(model))
         packed = {}
         if mb.packed:
             packed = dict(cu_seqlens=mb.cu_seqlens, max_seqlen=mb.max_seqlen, image_embed_index=mb.image_embed_index)
+            if mb.shared_vision is not None:
+                packed["image_embeds"] = image_embeds
         output = model(mb.input_ids, mb.position_ids, mb.pixel_values, mb.image_grid_thw, temperature=temperature,
                        **packed)
 
@@ -102,12 +166,13 @@ def run_micro_batches(
         return output, loss_func
 
     shape = batches[0].input_ids.shape
-    return get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iterator if len(model_chunks) == 1 else [iterator] * len(model_chunks),
-        model=list(model_chunks),
-        num_microbatches=len(batches),
-        seq_length=shape[1],
-        micro_batch_size=shape[0],
-        forward_only=forward_only,
-    )
+    with shared_vision_pass(model_chunks, shared, forward_only=forward_only) as image_embeds:
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterator if len(model_chunks) == 1 else [iterator] * len(model_chunks),
+            model=list(model_chunks),
+            num_microbatches=len(batches),
+            seq_length=shape[1],
+            micro_batch_size=shape[0],
+            forward_only=forward_only,
+        )

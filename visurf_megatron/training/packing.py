@@ -8,9 +8,10 @@ With ``train.max_tokens_per_micro_batch`` set, a micro-batch is instead one stre
   (Transformer Engine: varlen attention; local spec: megatron's attention run per row, see
   ``models.qwen2_5_vl.packing``);
 * each row has its own 3-row mrope positions, restarting at 0 (exactly the padded row's);
-* each distinct prompt's images are encoded once per micro-batch and their embeddings gathered
-  into every row of the group that sits in it (``image_embed_index``), so the gradients of all
-  those rows flow into that one vision pass;
+* each distinct prompt's images are encoded once per update (``train.shared_vision_pass``, the
+  default; ``SharedVision``, run by ``forward.run_micro_batches``) or once per micro-batch that
+  holds one of its rows, and their embeddings gathered into every row of its group
+  (``image_embed_index``), so the gradients of all those rows flow into that one vision pass;
 * every micro-batch of an update has the same stream length T (pipeline p2p needs one shape): the
   longest packed stream of the update, never more than the budget (a longer row excepted), rounded
   up to ``batching.sequence_multiple`` (sequence parallel, FP8). A budget the update does not fill
@@ -32,7 +33,7 @@ import torch.distributed as dist
 
 from visurf_megatron.models.qwen2_5_vl.rope import image_token_counts, mrope_position_ids
 
-from .batching import MicroBatch, PreparedPrompt, Row, collate, padded_length, plan_micro_batches
+from .batching import MicroBatch, PreparedPrompt, Row, SharedVision, collate, padded_length, plan_micro_batches
 
 
 def row_length(row: Row, prompts: Sequence[PreparedPrompt]) -> int:
@@ -105,10 +106,13 @@ def collate_packed(
     seq_length: int,
     row_width: int,
     filler: Optional[int] = None,
+    shared: Optional[tuple[SharedVision, dict[int, int]]] = None,
 ) -> MicroBatch:
     """One packed stream [1, seq_length] of ``rows[row_indices]``; loss fields per row [R, row_width].
 
     With no rows, a filler micro-batch: ``rows[filler]`` as valid input, row index -1, loss mask 0.
+    ``shared``: the update's ``SharedVision`` and each prompt's first row in its output
+    (``shared_vision``); without it the micro-batch carries its own prompts' images.
     """
     chosen = list(row_indices)
     if not chosen:
@@ -128,7 +132,8 @@ def collate_packed(
     loss_mask = torch.zeros(len(seqs), row_width)
     pack_index = torch.zeros(len(seqs), row_width, dtype=torch.long)
     offsets = [0]
-    vision_start: dict[int, int] = {}  # prompt -> its first row in the micro-batch's vision output
+    # prompt -> its first row in the vision output (the update's, or this micro-batch's own)
+    vision_start: dict[int, int] = dict(shared[1]) if shared else {}
     pixels, grids, embed_index = [], [], []
     vision_rows = 0
     for r, (seq, row) in enumerate(zip(seqs, sources)):
@@ -145,7 +150,7 @@ def collate_packed(
         loss_mask[r, len(prompt.input_ids) - 1 : n - 1] = 1.0
         if grid is not None:
             slots = sum(image_token_counts(grid, spatial_merge_size))
-            if row.prompt not in vision_start:  # the prompt's images: once per micro-batch
+            if row.prompt not in vision_start:  # the prompt's images: once in this micro-batch
                 vision_start[row.prompt] = vision_rows
                 pixels.append(prompt.pixel_values)
                 grids.append(grid)
@@ -165,7 +170,27 @@ def collate_packed(
         torch.cat(pixels) if pixels else None, torch.cat(grids) if grids else None, index,
         pack_index=pack_index, cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max()),
         image_embed_index=torch.cat(embed_index) if embed_index else None,
+        shared_vision=shared[0] if shared and embed_index else None,
     )
+
+
+def shared_vision(rows: Sequence[Row], indices: Sequence[int], prompts: Sequence[PreparedPrompt],
+                  spatial_merge_size: int) -> Optional[tuple[SharedVision, dict[int, int]]]:
+    """The images of the distinct prompts of ``rows[indices]`` (first appearance order) in one
+    batch, and each prompt's first row in its vision output; None when no prompt has images."""
+    start: dict[int, int] = {}
+    pixels, grids, offset = [], [], 0
+    for i in indices:
+        p = rows[i].prompt
+        if p in start or not prompts[p].has_images:
+            continue
+        start[p] = offset
+        pixels.append(prompts[p].pixel_values)
+        grids.append(prompts[p].image_grid_thw)
+        offset += sum(image_token_counts(prompts[p].image_grid_thw, spatial_merge_size))
+    if not start:
+        return None
+    return SharedVision(torch.cat(pixels), torch.cat(grids)), start
 
 
 def build_micro_batches(
@@ -181,6 +206,7 @@ def build_micro_batches(
     multiple: int = 1,
     row_width: Optional[int] = None,
     group=None,
+    share_vision: bool = True,
 ) -> list[MicroBatch]:
     """The micro-batches of ``rows[indices]``: padded (``micro_batch_size`` rows each) when
     ``max_tokens`` is off, else packed streams of ``max_tokens`` (see the module doc).
@@ -188,6 +214,7 @@ def build_micro_batches(
     ``row_width``: the per-row length L (default: the padded length of these rows); pass the whole
     update's so that every mini-batch sees the same one. ``group``: the data-parallel group whose
     ranks must agree on the number of packed micro-batches (None: no agreement needed).
+    ``share_vision``: packed micro-batches encode each prompt's images once for all of them.
     """
     indices = list(indices)
     if not indices:
@@ -202,8 +229,9 @@ def build_micro_batches(
     bins = plan_packed(lengths, [rows[i].prompt for i in indices], stream_length(lengths, max_tokens), group)
     fullest = max(sum(lengths[j] for j in chunk) for chunk in bins)
     seq_length = -(-fullest // multiple) * multiple
+    shared = shared_vision(rows, indices, prompts, spatial_merge_size) if share_vision else None
     return [collate_packed(rows, [indices[j] for j in chunk], prompts, seq_length=seq_length, row_width=width,
-                           filler=indices[0], **common)
+                           filler=indices[0], shared=shared, **common)
             for chunk in bins]
 
 

@@ -276,7 +276,7 @@ class Trainer:
                 rows, indices, prompts, image_token_id=self.extras.image_token_id, pad_id=self.pad_id,
                 spatial_merge_size=self.extras.spatial_merge_size, micro_batch_size=cfg.train.micro_batch_size,
                 max_tokens=cfg.train.max_tokens_per_micro_batch, multiple=multiple, row_width=length,
-                group=parallel_state.get_data_parallel_group())
+                group=parallel_state.get_data_parallel_group(), share_vision=cfg.train.shared_vision_pass)
 
         old_logp = {}
         if several_updates:

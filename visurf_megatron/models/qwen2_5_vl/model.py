@@ -103,16 +103,22 @@ class Qwen25VLModel(MegatronModule):
         image_grid_thw: Optional[torch.Tensor] = None,
         vision_layout: Optional[VisionLayout] = None,
         image_embed_index: Optional[torch.Tensor] = None,
+        image_embeds: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Decoder input [S(/tp under SP), B, H] for the first stage.
 
         ``image_embed_index`` [slots]: the vision output row for each placeholder (in order), when
-        several rows share one encoding of their prompt's images (packed micro-batches)."""
+        several rows share one encoding of their prompt's images (packed micro-batches).
+        ``image_embeds``: that vision output, computed already (one pass for a whole update,
+        ``training.forward``), instead of ``pixel_values``."""
         emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
         image_mask = input_ids == self.extras.image_token_id
         n_slots = int(image_mask.sum())
-        if pixel_values is not None:
-            image_embeds = self.vision_model(pixel_values, image_grid_thw, vision_layout)
+        if pixel_values is not None and image_embeds is not None:
+            raise ValueError("pass pixel_values or precomputed image_embeds, not both")
+        if pixel_values is not None or image_embeds is not None:
+            if image_embeds is None:
+                image_embeds = self.vision_model(pixel_values, image_grid_thw, vision_layout)
             if image_embed_index is not None:
                 image_embeds = image_embeds.index_select(0, image_embed_index)
             if image_embeds.shape[0] != n_slots:
@@ -121,7 +127,8 @@ class Qwen25VLModel(MegatronModule):
             bsh = bsh.masked_scatter(image_mask.unsqueeze(-1).expand_as(bsh), image_embeds.to(bsh.dtype))
             emb = bsh.transpose(0, 1).contiguous()
         elif n_slots:
-            raise ValueError(f"input_ids hold {n_slots} image placeholder tokens but no pixel_values were given")
+            raise ValueError(f"input_ids hold {n_slots} image placeholder tokens but no pixel_values or "
+                             "image_embeds were given")
         if self.config.sequence_parallel:
             emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
         return emb
@@ -138,11 +145,12 @@ class Qwen25VLModel(MegatronModule):
         cu_seqlens: Optional[torch.Tensor] = None,
         max_seqlen: Optional[int] = None,
         image_embed_index: Optional[torch.Tensor] = None,
+        image_embeds: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``cu_seqlens`` (with ``max_seqlen``): input_ids [1, T] is a packed stream of rows, each
-        attending to itself only (``packing``); ``image_embed_index``: see ``embed``."""
-        decoder_input = (self.embed(input_ids, pixel_values, image_grid_thw, vision_layout, image_embed_index)
-                         if self.pre_process else None)
+        attending to itself only (``packing``); ``image_embed_index``, ``image_embeds``: see ``embed``."""
+        decoder_input = (self.embed(input_ids, pixel_values, image_grid_thw, vision_layout, image_embed_index,
+                                    image_embeds) if self.pre_process else None)
         attention_mask = packed_seq_params = None
         if cu_seqlens is not None:
             attention_mask, packed_seq_params = packed_attention_inputs(

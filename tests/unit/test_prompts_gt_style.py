@@ -150,3 +150,32 @@ def test_choose_gt_style_picks_max():
     assert best == NOTHINK_SPACED and math.isnan(scores[THINK_COMPACT])
     with pytest.raises(ValueError, match="NaN"):
         choose_gt_style(lambda s_, t: math.nan, s, [THINK_COMPACT])
+
+
+def test_existence_task_from_row_to_prompt_answer_and_reward(tmp_path):
+    """The yes/no "is the named object there" task: rows validate to yes/no, the prompt asks the
+    question about the normalised query, the GT answer is the verdict, and the registry's reward
+    scores agreement with it."""
+    from pathlib import Path
+
+    from visurf_megatron.data.samples import row_to_sample
+    from visurf_megatron.rewards.registry import get_reward_fn
+
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    row = {"id": "e", "task": "existence", "problem": "The red circle.", "image": "a.png"}
+    for given, want in ((True, "yes"), (" No", "no"), ("yes", "yes")):
+        assert row_to_sample(row | {"solution": given}, default_task=None, root=Path(tmp_path),
+                             check_images=False).solution == want
+    with pytest.raises(ValueError, match="existence answer"):
+        row_to_sample(row | {"solution": "maybe"}, default_task=None, root=Path(tmp_path), check_images=False)
+    sample = _g("no", task="existence", problem="The red circle.")
+    for style in ("plain", "detailed"):
+        prompt = build_prompt(sample, style=style, think=True)
+        assert prompt.startswith('Is there "the red circle" in the image? Answer yes or no.'), prompt
+    gt = render_ground_truth(sample, THINK_COMPACT)
+    assert gt == "<think></think><answer>no</answer>"
+    reward = get_reward_fn("existence")
+    assert reward(gt, "no", is_ground_truth=True).accuracy == 1.0
+    assert reward("<think>a</think><answer>yes</answer>", "no").accuracy == 0.0

@@ -238,12 +238,12 @@ def test_anomaly_needs_answer_tags_and_a_valid_gold() -> None:
 
 # --- registry --------------------------------------------------------------------------------------------
 
-def test_registry_knows_the_four_tasks() -> None:
-    assert known_tasks() == ("anomaly", "grounding", "gui", "math")
+def test_registry_knows_the_five_tasks() -> None:
+    assert known_tasks() == ("anomaly", "existence", "grounding", "gui", "math")
 
 
 def test_unknown_task_lists_known_ones() -> None:
-    with pytest.raises(ValueError, match="anomaly, grounding, gui, math"):
+    with pytest.raises(ValueError, match="anomaly, existence, grounding, gui, math"):
         get_reward_fn("segmentation")
     with pytest.raises(ValueError):
         get_reward_fn(["grounding"])  # type: ignore[arg-type]

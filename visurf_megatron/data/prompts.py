@@ -42,6 +42,8 @@ _ANOMALY_HEAD = ('Please find the anomalous region(s) of "{question}" with bboxs
 _ANOMALY_BODY = ("Output the bbox(es) and point(s) inside the anomalous region(s) in JSON format."
                  "If there is no anomaly, output an empty list [] in the answer.")
 
+_EXISTENCE_HEAD = 'Is there "{question}" in the image? Answer yes or no.'
+
 _MATH_HEAD = "{question} First think about the question and then provide the answer. "
 _MATH_NOTHINK_HEAD = "{question} "
 _MATH_BODY = "The final answer is in latex format and wrapped using the \\boxed{} command. "
@@ -82,6 +84,12 @@ for _task, _t in {
     for (_style, _think), _text in _t.items():
         TEMPLATES[(_task, _style, _think)] = _text
 
+# Existence ("is the named object there"): a yes/no verdict, the same wording for both styles.
+for _style in PROMPT_STYLES:
+    TEMPLATES[("existence", _style, True)] = (_EXISTENCE_HEAD + " " + _THINK_TAGS
+                                              + " i.e., <think> thinking process here </think><answer> yes </answer>")
+    TEMPLATES[("existence", _style, False)] = _EXISTENCE_HEAD + " " + _NOTHINK_TAGS + " i.e., <answer> yes </answer>"
+
 # The forgetting benchmarks (ChartQA, DocVQA) are evaluated, never trained: one QA form, the usual
 # short-answer instruction, identical for both styles.
 for _task in ("chartqa", "docvqa"):
@@ -117,7 +125,7 @@ def normalize_query(text: str) -> str:
 
 
 def format_question(sample: "Sample") -> str:
-    if sample.task in ("grounding", "gui", "anomaly"):
+    if sample.task in ("grounding", "gui", "anomaly", "existence"):
         return normalize_query(sample.problem)
     q = sample.problem.strip()
     if sample.choices:

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-TASKS = ("grounding", "gui", "anomaly", "math", "chartqa", "docvqa")
+TASKS = ("grounding", "gui", "anomaly", "math", "chartqa", "docvqa", "existence")
 # Tasks whose answer is a list of {"bbox_2d", "point_2d"} objects and which need an image.
 OBJECT_TASKS = ("grounding", "anomaly")
-IMAGE_TASKS = ("grounding", "gui", "anomaly")
+IMAGE_TASKS = ("grounding", "gui", "anomaly", "existence")
 
 # Columns with a meaning of their own; everything else goes to Sample.meta untouched.
 _KNOWN = {"id", "task", "problem", "text", "question", "solution", "answer", "image", "img_width",
@@ -162,6 +162,12 @@ def _validate_solution(task: str, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() in ("yes", "no"):
             return value.strip().lower()
         return validate_objects(value)
+    if task == "existence":  # is the named object in the image: an image-level yes/no
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if isinstance(value, str) and value.strip().lower() in ("yes", "no"):
+            return value.strip().lower()
+        raise ValueError(f"solution: an existence answer is 'yes' or 'no', got {value!r}")
     if task == "gui":
         if isinstance(value, str):
             try:

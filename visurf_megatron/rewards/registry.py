@@ -45,6 +45,8 @@ _REGISTRY: dict[str, Callable[..., RewardBreakdown]] = {
     "grounding": vision_reasoner_reward,
     "gui": gui_reward,
     "anomaly": anomaly_reward,
+    # "Is the named object there": the anomaly reward's yes/no-label branch (format + agreement).
+    "existence": anomaly_reward,
     "math": _math,
 }
 

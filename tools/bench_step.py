@@ -2,11 +2,12 @@
 """ViSurf vs RLVR step time on the tiny CPU setup, with the same rollouts, measured in one run.
 
 Each step samples G rollouts per prompt once; then the RLVR update (G rows per prompt) and the ViSurf
-update (G+1 rows per prompt: the GT joins the group) run on those same rollouts, each twice: padded
-micro-batches (``train.micro_batch_size`` rows, padded to the longest row of the update) and packed
-ones (``train.max_tokens_per_micro_batch``: whole rows in token-budget streams, one vision pass per
-prompt per micro-batch). The step time of a paradigm is sync + generation + rewards + its update;
-vision time is the vision tower's forward time within the update. The paper reports 1.009x
+update (G+1 rows per prompt: the GT joins the group) run on those same rollouts, each three times:
+padded micro-batches (``train.micro_batch_size`` rows, padded to the longest row of the update),
+packed ones (``train.max_tokens_per_micro_batch``: whole rows in token-budget streams) with one
+vision pass per update (``train.shared_vision_pass``, the default), and packed with one vision pass
+per micro-batch that holds a prompt's rows. The step time of a paradigm is sync + generation +
+rewards + its update; vision time is the vision tower's forward time within the update. The paper reports 1.009x
 (ViSurf / RLVR); the goal here is <= 1.03x, printed last (packed).
 
     python tools/bench_step.py --steps 6 --nproc 2
@@ -100,7 +101,7 @@ def _bench(base: dict, steps: int, budget: int) -> dict:
     trainer = Trainer(from_dict(base))
     vision = _vision_clock(trainer)
     paradigms = {"rlvr": get_paradigm("rlvr"), "visurf": get_paradigm("visurf")}
-    modes = {"padded": 0, "packed": budget}
+    modes = {"padded": (0, True), "packed": (budget, True), "per-mb": (budget, False)}
     timings = {(name, mode, part): [] for name in paradigms for mode in modes
                for part in ("step", "update", "vision", "act_mb")}
     for step in range(steps + 1):  # step 0 warms caches up and is not counted
@@ -124,8 +125,9 @@ def _bench(base: dict, steps: int, budget: int) -> dict:
             train_rows = [i for i in range(len(rows)) if info.active_rows[i]]
             before = time.perf_counter() - t1  # rows and rewards: the same for both layouts
             order = list(modes.items())
-            for mode, max_tokens in order if step % 2 else order[::-1]:  # alternate: no order bias
+            for mode, (max_tokens, shared_vision) in order if step % 2 else order[::-1]:  # no order bias
                 trainer.cfg.train.max_tokens_per_micro_batch = max_tokens
+                trainer.cfg.train.shared_vision_pass = shared_vision
                 vision[0] = 0.0
                 meter = _ActivationMeter()
                 t2 = time.perf_counter()
@@ -171,16 +173,19 @@ def main(argv=None) -> int:
         }
         result = run_world(_bench, args.nproc, base, args.steps, args.max_tokens, timeout_s=3600)[0]
     print(f"median seconds over {args.steps} steps (G={args.rollouts}, {args.prompts} prompts, TP{args.nproc}; "
-          f"padded: {args.micro_batch_size} rows per micro-batch, packed: {args.max_tokens} tokens):")
+          f"padded: {args.micro_batch_size} rows per micro-batch, packed: {args.max_tokens} tokens, one vision "
+          "pass per update; per-mb: packed, one vision pass per micro-batch):")
     print("  (act MB: peak activations autograd holds during the update, TP rank 0: one micro-batch at PP1)")
     print(f"  {'':8s} {'layout':7s} {'step':>8s} {'update':>8s} {'vision':>8s} {'act MB':>8s}")
     for name, label in (("rlvr", "RLVR"), ("visurf", "ViSurf")):
-        for mode in ("padded", "packed"):
+        for mode in ("padded", "packed", "per-mb"):
             print(f"  {label:8s} {mode:7s} " + " ".join(f"{result[(name, mode, part)]:8.3f}"
                                                        for part in ("step", "update", "vision", "act_mb")))
     for name, label in (("rlvr", "RLVR"), ("visurf", "ViSurf")):
         speedup = result[(name, "padded", "update")] / result[(name, "packed", "update")]
-        print(f"  {label} update speed-up packed/padded = {speedup:.2f}x")
+        per_mb = result[(name, "per-mb", "update")] / result[(name, "packed", "update")]
+        print(f"  {label} update speed-up packed/padded = {speedup:.2f}x; one vision pass per update vs per "
+              f"micro-batch = {per_mb:.2f}x")
     padded = result[("visurf", "padded", "step")] / result[("rlvr", "padded", "step")]
     print(f"  ratio ViSurf/RLVR (padded) = {padded:.3f}x")
     ratio = result[("visurf", "packed", "step")] / result[("rlvr", "packed", "step")]

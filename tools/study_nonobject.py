@@ -18,8 +18,10 @@ What it does (everything on CPU, one gloo world of ``--nproc`` ranks, data paral
    own image tokens. (A ramp over the whole background was not learnt in 1800 steps: gIoU 0.4 %; the
    halo reached 30 % in 600 steps on one-object scenes.)
 2. **Base model** ("pre-trained knowledge"): the tiny random Qwen2.5-VL
-   (``tools/make_tiny_checkpoint``) trained with SFT on the warm-up split, then on the base split. It
-   grounds objects and has never answered ``[]``.
+   (``tools/make_tiny_checkpoint``) trained with SFT on the warm-up split, then on the base split
+   mixed with *existence* questions ("Is there "the red circle" in the image?", yes/no, half absent,
+   scenes drawn like the study split's). It grounds objects, can tell that a named object is absent,
+   and has never answered a grounding query with ``[]`` (the paper's premise; checked in step 5).
 3. **Post-training** from that base, on the study split, with the same number of optimizer steps,
    prompts per step and rollouts per prompt: SFT, RLVR, SFT->RLVR (half the steps each), ViSurf, and
    ViSurf without each reward control (``algorithm.align_gt_style=false``,
@@ -33,9 +35,16 @@ What it does (everything on CPU, one gloo world of ``--nproc`` ranks, data paral
    which credits garbage with N-Acc = 1; gIoU and bbox accuracy use the same strict rule for
    no-target samples. The library's numbers are kept in results.json as ``lib_*``.
 
+5. **Premise** (``probe.py``): a linear probe shows whether the base model's hidden states tell a
+   present from an absent target (random initial model as the control), next to its behaviour
+   (greedy N-Acc, ``[]`` share of its sampled rollouts).
+6. **Forgetting**: every model is also evaluated on the base val split (the base task, targets
+   only), before (the base model) and after post-training.
+
 Outputs (``--out``): ``nonobject.md`` (tables in the paper's layout, mean ± std over seeds, the
-command, wall time), ``nonobject.png`` (bars and training curves), ``results.json`` (everything, per
-run). Work files (data, checkpoints, logs, predictions) go to ``--work`` (default
+command, wall time, whether the curves settled; ``nonobject_reading.md`` beside it, if present, is
+rendered in as the reading), ``nonobject.png`` (bars and training curves), ``results.json``
+(everything, per run). Work files (data, checkpoints, logs, predictions) go to ``--work`` (default
 ``outputs/study`` or ``outputs/study_quick``); ``--resume`` reuses finished runs found there.
 """
 from __future__ import annotations
@@ -58,7 +67,8 @@ if str(REPO) not in sys.path:  # `python tools/study_nonobject.py` puts tools/ f
 
 from tools.nonobject_study.data import make_data, make_model  # noqa: E402
 from tools.nonobject_study.design import CURVE_KEYS, FULL, METHODS, QUICK, Profile  # noqa: E402
-from tools.nonobject_study.report import pct, plot, render_markdown, summarise  # noqa: E402
+from tools.nonobject_study.probe import check_premise  # noqa: E402
+from tools.nonobject_study.report import forgetting, pct, plot, render_markdown, settling, summarise  # noqa: E402
 from tools.nonobject_study.scoring import evaluate_trainer  # noqa: E402
 
 CONFIG_DIR = REPO / "examples" / "configs" / "study"
@@ -158,7 +168,9 @@ def study_world(jobs: list[dict], log_dir: str) -> list[dict]:
                 m = result["metrics"]
                 log(f"{job['name']}: trained {cfg.train.steps} steps in {train_s:.0f} s, evaluated in {eval_s:.0f} s: "
                     f"gIoU {pct(m['giou'])} cIoU {pct(m['ciou'])} N-Acc {pct(m['n_acc'])} "
-                    f"T-Acc {pct(m['t_acc'])} bbox {pct(m['bbox_acc'])} parse-fail {pct(m['parse_fail_rate'])}")
+                    f"T-Acc {pct(m['t_acc'])} bbox {pct(m['bbox_acc'])} parse-fail {pct(m['parse_fail_rate'])}"
+                    + (f"; existence acc {pct(evals['existence_val']['balanced_accuracy'])} (balanced)"
+                       if evals.get("existence_val") else ""))
             dist.barrier()
     return results if rank == 0 else []
 
@@ -194,8 +206,9 @@ def build_jobs(work: Path, hf: Path, data: dict, profile: Profile, config_dir: P
     for name, cfg_file, split, init, ckpt, steps, evals in (
             ("base_warmup", "base_warmup.yaml", "warmup", None, warm_ckpt, profile.warmup_steps,
              {"warmup_val": data["warmup"]["val"]}),
-            ("base", "base_sft.yaml", "base", warm_ckpt, base_ckpt, profile.base_steps,
-             {"study_val": data["study"]["val"], "base_val": data["base"]["val"]})):
+            ("base", "base_sft.yaml", "base_mix", warm_ckpt, base_ckpt, profile.base_steps,
+             {"study_val": data["study"]["val"], "base_val": data["base"]["val"],
+              "existence_val": data["existence"]["val"]})):
         over = common + [f"data.train_path={data[split]['train']}", f"checkpoint.dir={ckpt}",
                          f"logging.dir={work / name / 'logs'}", "checkpoint.resume=false"]
         if init is not None:
@@ -217,7 +230,9 @@ def build_jobs(work: Path, hf: Path, data: dict, profile: Profile, config_dir: P
                     over.append(f"algorithm.sft_then_rlvr_switch_step={profile.steps // 2}")
             jobs.append({"name": f"{key}_seed{seed}", "method": key, "seed": seed, "config": str(config_dir / file),
                          "overrides": over, "run_dir": str(run_dir), "result_file": str(run_dir / "result.json"),
-                         "evals": {"study_val": data["study"]["val"]}, "eval_max_new_tokens": eval_max_new_tokens,
+                         "evals": {"study_val": data["study"]["val"], "base_val": data["base"]["val"],
+                                   "existence_val": data["existence"]["val"]},
+                         "eval_max_new_tokens": eval_max_new_tokens,
                          "resume": resume})
     return jobs
 
@@ -288,6 +303,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runs = [r for r in results if r["method"] not in ("base", "base_warmup")]
 
     ref = load_config(method_cfgs["visurf"], next(j for j in jobs if j["method"] == "visurf")["overrides"])
+    t = time.time()
+    premise = check_premise(work, hf, work / "base" / "checkpoints", data, image_size=ref.data.image_size,
+                            prompt_style=ref.data.prompt_style, think=ref.data.think,
+                            per_class_train=profile.probe_train, per_class_val=profile.probe_val)
+    probe_s = time.time() - t
+    log("premise probe (balanced held-out accuracy of 'the named object is present'): "
+        + ", ".join(f"{k} {pct(v['val_balanced_acc'])}" for k, v in premise["models"].items()) + f" ({probe_s:.0f} s)")
     warm_cfg = load_config(jobs[0]["config"], jobs[0]["overrides"])
     base_cfg = load_config(jobs[1]["config"], jobs[1]["overrides"])
     study_rows = [json.loads(line) for line in Path(data["study"]["val"]).read_text().splitlines() if line.strip()]
@@ -300,6 +322,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "base_train": profile.base_train, "base_val": profile.base_val, "base_steps": base_cfg.train.steps,
         "base_lr": base_cfg.train.lr, "base_prompts_per_step": base_cfg.data.prompts_per_step,
         "study_train": profile.study_train, "study_val": profile.study_val,
+        "existence_train": profile.existence_train, "existence_val": profile.existence_val,
         "no_target_val": sum(1 for r in study_rows if r["solution"] == []),
         "no_object_fraction": profile.no_object_fraction, "max_objects": profile.max_objects,
         "steps": ref.train.steps, "prompts_per_step": ref.data.prompts_per_step, "rollouts": ref.rollout.n,
@@ -315,16 +338,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     payload = {
         "command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "wall_s": round(wall_s, 1),
-        "timing": {"data_s": round(data_s, 1), "world_s": round(world_s, 1),
+        "timing": {"data_s": round(data_s, 1), "world_s": round(world_s, 1), "probe_s": round(probe_s, 1),
                    "base_s": round(warm["train_s"] + warm["eval_s"] + base["train_s"] + base["eval_s"], 1),
                    "runs_s": round(sum(r["train_s"] + r["eval_s"] for r in runs), 1)},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "settings": settings,
         "summary": summarise(results),
+        "premise": premise,
+        "forgetting": forgetting(base, runs),
+        "settling": settling(runs),
         "base_warmup": warm, "base": base, "base_on_base_val": base["evals"].get("base_val"),
         "runs": runs,
     }
     out.mkdir(parents=True, exist_ok=True)
+    # The hand-written reading of a run (what drives each difference) lives beside the report and
+    # is rendered into it; it names the run it was written for.
+    reading = out / "nonobject_reading.md"
+    if reading.is_file() and not args.quick:
+        payload["reading"] = reading.read_text()
     (out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
     (out / "nonobject.md").write_text(render_markdown(payload))
     plot(payload, out / "nonobject.png")

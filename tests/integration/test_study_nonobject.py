@@ -36,7 +36,21 @@ def test_quick_study_completes_and_writes_its_outputs(tmp_path):
         assert payload["summary"][method]["n_acc"]["n"] == 1
     assert payload["base"]["evals"]["base_val"]["no_target_count"] == 0  # the base split has no no-object query
 
+    # The premise probe ran on both models; the forgetting table has every method; the settling
+    # table has a reward curve for every method that rolls out.
+    probe = payload["premise"]["models"]
+    assert set(probe) == {"random init", "base"}
+    assert all(0.0 <= m["val_balanced_acc"] <= 1.0 for m in probe.values())
+    assert set(payload["forgetting"]["base_val"]["after"]) == METHODS
+    assert set(payload["forgetting"]["existence_val"]["after"]) == METHODS
+    assert payload["base"]["evals"]["existence_val"]["count"] == payload["settings"]["existence_val"]
+    for run in payload["runs"]:
+        assert run["evals"]["base_val"]["no_target_count"] == 0
+    assert {k for k, v in payload["settling"].items() if "reward/total" in v} == METHODS - {"sft"}
+
     md = (out / "nonobject.md").read_text()
+    for heading in ("## Premise", "## Forgetting", "## Have the curves settled?"):
+        assert heading in md
     assert "--quick smoke run" in md and "| ViSurf |" in md and "tools/study_nonobject.py" in md
     with Image.open(out / "nonobject.png") as img:
         assert img.format == "PNG" and img.size[0] > 500

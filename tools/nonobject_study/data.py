@@ -107,12 +107,53 @@ def make_single_object_scenes(out_dir: str | Path, *, train: int, val: int, size
     return result
 
 
+def to_existence_questions(jsonl: str | Path) -> int:
+    """Rewrite a grounding split as existence questions about the same scenes and queries: task
+    ``existence``, solution "yes" when the named object is there, "no" when it is not (the
+    grounding solution ``[]``). Returns the number of rows."""
+    path = Path(jsonl)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for row in rows:
+        row = {k: v for k, v in row.items() if k != "mask"}
+        row.update(task="existence", solution="no" if row["solution"] == [] else "yes")
+        out.append(row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in out))
+    return len(out)
+
+
+def mix_splits(out: Path, parts: list[tuple[str, Path]], seed: int) -> str:
+    """One training file of several splits' rows, image paths made absolute, in a fixed shuffle."""
+    import random
+
+    rows = []
+    for name, jsonl in parts:
+        root = Path(jsonl).parent
+        for line in Path(jsonl).read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                row["id"] = f"{name}_{row['id']}"
+                for key in ("image", "mask"):
+                    if isinstance(row.get(key), str) and not Path(row[key]).is_absolute():
+                        row[key] = str((root / row[key]).resolve())
+                rows.append(row)
+    random.Random(seed).shuffle(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "train.jsonl"
+    target.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(target)
+
+
 def make_data(work: Path, profile: Profile) -> dict:
     from tools.make_synthetic_grounding import generate
 
     info = {}
+    # "existence": yes/no questions on scenes drawn like the study split's (half the named objects
+    # absent), part of the base model's curriculum: it learns to tell absence, but never to answer
+    # a grounding query with [].
     plan = (("warmup", profile.warmup_train, 16, None), ("base", profile.base_train, profile.base_val, 0.0),
-            ("study", profile.study_train, profile.study_val, profile.no_object_fraction))
+            ("study", profile.study_train, profile.study_val, profile.no_object_fraction),
+            ("existence", profile.existence_train, profile.existence_val, 0.5))
     for index, (split, train, val, frac) in enumerate(plan):
         out = work / "data" / split
         done = out / "done.json"
@@ -129,11 +170,17 @@ def make_data(work: Path, profile: Profile) -> dict:
                            query_types=("single",), max_objects=profile.max_objects,
                            object_frac=profile.object_frac, absent=profile.absent, progress=False)
             reworded = sum(unify_no_object_wording(res[k]) for k in ("train", "val"))
+            if split == "existence":
+                for k in ("train", "val"):
+                    to_existence_questions(res[k])
         shaded = shade_background(out, strength=profile.shade_strength, halo=profile.halo)
         info[split] = {"train": str(res["train"]), "val": str(res["val"]), "counts": res["counts"],
                        "no_object_fraction": frac or 0.0, "seed": seed, "reworded_no_object_queries": reworded,
                        "shaded_images": shaded}
         done.write_text(json.dumps(info[split], indent=2))
+    info["base_mix"] = {"train": mix_splits(work / "data" / "base_mix", [("base", Path(info["base"]["train"])),
+                                                                         ("existence", Path(info["existence"]["train"]))],
+                                            profile.data_seed)}
     return info
 
 

@@ -18,6 +18,10 @@ class Profile:
     warmup_steps: Optional[int]  # None: base_warmup.yaml's train.steps
     base_steps: Optional[int]  # None: base_sft.yaml's train.steps
     steps: Optional[int]  # None: the method configs' train.steps
+    existence_train: int = 2000  # base curriculum: yes/no "is it there" questions (half absent)
+    existence_val: int = 300
+    probe_train: int = 300  # premise probe: rows per class (present / absent) to fit on, study train split
+    probe_val: int = 150  # ... and to score on, study val split
     data_size: int = 48  # images are drawn this size (the generator's smallest), fed at data.image_size
     object_frac: tuple = (0.2, 0.35)  # object side / image side: IoU of a few pixels' error stays readable
     # Position painted next to each object (shade_background): the tiny model has no absolute
@@ -38,10 +42,11 @@ class Profile:
                     ("vision_depth", 4), ("vision_hidden", 32), ("vision_heads", 2), ("vision_intermediate", 64))
 
 
-FULL = Profile("full", seeds=3, warmup_train=3000, base_train=4000, base_val=128, study_train=2000, study_val=160,
+FULL = Profile("full", seeds=3, warmup_train=3000, base_train=4000, base_val=150, study_train=2000, study_val=600,
                warmup_steps=None, base_steps=None, steps=None)
 QUICK = Profile("quick", seeds=1, warmup_train=200, base_train=200, base_val=32, study_train=200, study_val=48,
-                warmup_steps=40, base_steps=40, steps=8)
+                warmup_steps=40, base_steps=40, steps=8, existence_train=100, existence_val=32,
+                probe_train=12, probe_val=8)
 
 # (key, table label, config file, what differs from ViSurf)
 METHODS: list[tuple[str, str, str]] = [

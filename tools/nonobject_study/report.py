@@ -33,6 +33,59 @@ def summarise(results: list[dict]) -> dict:
     return summary
 
 
+# The paper's numbers each table answers to (ViSurf paper; gRefCOCO val, Qwen2.5-VL-7B).
+PAPER_N_ACC = {"sft": "3.3", "rlvr": "0 (in 90% of runs)", "sft_then_rlvr": "38.1", "visurf": "57.1"}  # Table 8
+PAPER_FORGETS = {"sft": "forgets", "rlvr": "keeps", "sft_then_rlvr": "forgets", "visurf": "keeps"}  # Table 2
+# Base tasks the study split does not train: the base split's grounding (targets only) and the
+# existence questions of the base curriculum.
+FORGETTING_METRICS = {"base_val": ("giou", "bbox_acc", "parse_fail_rate"),
+                      "existence_val": ("balanced_accuracy", "absent_accuracy", "parse_fail_rate")}
+SETTLING_KEYS = ("reward/total", "study/rollout_empty_frac", "entropy", "loss")
+
+
+def forgetting(base: dict, runs: list[dict]) -> dict:
+    """Each method's scores on the base tasks (``FORGETTING_METRICS``) before (the base model) and
+    after post-training: {eval: {"before": {metric: x}, "after": {method: {metric: mean_std}}}}."""
+    out = {}
+    for name, metrics in FORGETTING_METRICS.items():
+        before = base["evals"].get(name)
+        if not before:
+            continue
+        out[name] = {"before": {m: before.get(m) for m in metrics}, "after": {}}
+        for key, _, _ in METHODS:
+            vals = [r["evals"][name] for r in runs if r["method"] == key and r["evals"].get(name)]
+            if vals:
+                out[name]["after"][key] = {m: mean_std([v.get(m) for v in vals]) for m in metrics}
+    return out
+
+
+def _window_mean(ys: list, lo: int, hi: int) -> Optional[float]:
+    vals = [y for y in ys[lo:hi] if y is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def settling(runs: list[dict], fraction: float = 0.2) -> dict:
+    """Have the training curves flattened? For each method and curve: the mean over the first, the
+    second-to-last and the last ``fraction`` of the steps (each averaged over seeds). A settled
+    curve has last ~ previous while first -> last may have moved a lot."""
+    out: dict = {}
+    for key, _, _ in METHODS:
+        mine = [r["curves"] for r in runs if r["method"] == key]
+        for curve in SETTLING_KEYS:
+            series = [c[curve] for c in mine if c.get(curve) and any(v is not None for v in c[curve])]
+            if not series:
+                continue
+            n = min(len(ys) for ys in series)
+            w = max(1, int(n * fraction))
+            windows = {}
+            for name, lo in (("first", 0), ("previous", n - 2 * w), ("last", n - w)):
+                means = [_window_mean(ys, lo, lo + w) for ys in series]
+                means = [m for m in means if m is not None]
+                windows[name] = sum(means) / len(means) if means else None
+            out.setdefault(key, {})[curve] = windows | {"window": w, "steps": n}
+    return out
+
+
 def _cell(stat: dict, seeds: int) -> str:
     if not stat or stat["mean"] is None:
         return "n/a"
@@ -56,7 +109,8 @@ def render_markdown(payload: dict) -> str:
         "",
         f"Base model: tiny Qwen2.5-VL ({st['model_params']}) trained with SFT for {st['warmup_steps']} steps on "
         f"{st['warmup_train']} one-object scenes, then {st['base_steps']} steps on {st['base_train']} base-split "
-        f"images (2-3 objects; every query names a present object; it never saw `[]`). Images are "
+        f"images (2-3 objects; every query names a present object; it never saw `[]`) mixed with "
+        f"{st.get('existence_train', 0)} existence questions (yes/no, half of the named objects absent). Images are "
         f"{st['data_size']} px (fed at {st['image_size']} px), objects {st['object_frac'][0]:.0%}-{st['object_frac'][1]:.0%} "
         f"of the side, position painted in a {st['halo']}-px colour-ramp halo around each object (no absolute "
         "position embedding in the model; see the script's docstring). "
@@ -75,13 +129,14 @@ def render_markdown(payload: dict) -> str:
         "",
         "## Paradigms (paper Table 1, gRefCOCO columns)",
         "",
-        "| Method | gIoU | cIoU | N-Acc | T-Acc | bbox acc | parse fail |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| Method | gIoU | cIoU | N-Acc | T-Acc | bbox acc | parse fail | paper N-Acc (Table 8) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for key in PARADIGM_ROWS:
         if key in s:
             n = 1 if key == "base" else seeds
-            lines.append(f"| {LABELS[key]} | " + " | ".join(_cell(s[key][m], n) for m in METRICS) + " |")
+            lines.append(f"| {LABELS[key]} | " + " | ".join(_cell(s[key][m], n) for m in METRICS)
+                         + f" | {PAPER_N_ACC.get(key, '')} |")
     lines += ["", "## Reward controls (paper Table 4 ablation; ✓ = on)", "",
               "| Align GT style | No thinking reward for GT | Smoothing | gIoU | cIoU | N-Acc | T-Acc | bbox acc | parse fail |",
               "| :---: | :---: | :---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -95,16 +150,92 @@ def render_markdown(payload: dict) -> str:
     for key, _, _ in METHODS:
         vals = {r["seed"]: r["metrics"]["n_acc"] for r in payload["runs"] if r["method"] == key}
         lines.append(f"| {LABELS[key]} | " + " | ".join(pct(vals.get(i)) for i in range(seeds)) + " |")
-    base_val = payload.get("base_on_base_val")
-    if base_val:
-        lines += ["", f"Base model on the base val split (targets only): gIoU {pct(base_val['giou'])}, "
-                      f"bbox acc {pct(base_val['bbox_acc'])}, parse fail {pct(base_val['parse_fail_rate'])}."]
+    lines += _premise_lines(payload) + _forgetting_lines(payload) + _settling_lines(payload)
     lines += ["", "![bars and training curves](nonobject.png)", "",
               "Raw numbers (per run, with training curves): `results.json`. Rerun: the command above "
               "(`--quick` for a smoke run; `--work` keeps data, logs and predictions).", ""]
+    if payload.get("reading"):
+        lines += ["## Reading", "", payload["reading"].strip(), ""]
     if payload.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in payload["notes"]] + [""]
     return "\n".join(lines)
+
+
+def _premise_lines(payload: dict) -> list[str]:
+    premise = payload.get("premise")
+    if not premise:
+        return []
+    base = payload["summary"].get("base", {})
+    first = [r["curves"]["study/rollout_empty_frac"][0] for r in payload["runs"]
+             if r["method"] in ("rlvr", "visurf") and r["curves"].get("study/rollout_empty_frac")]
+    lines = ["", "## Premise: the base model sees absence but never answers `[]`", "",
+             f"Linear probe of \"the named object is present\" on the hidden states at the last prompt token "
+             f"(every layer), fitted on {premise['train_per_class']} + {premise['train_per_class']} study-train "
+             f"prompts, scored on {premise['val_per_class']} + {premise['val_per_class']} held-out study-val prompts "
+             "(balanced accuracy; chance 50 %):", "",
+             "| Model | probe accuracy, held out | (fit) |", "| --- | ---: | ---: |"]
+    for name, m in premise["models"].items():
+        lines.append(f"| {name} | {pct(m['val_balanced_acc'])} | {pct(m['train_balanced_acc'])} |")
+    n_acc = base.get("n_acc", {}).get("mean")
+    existence = payload["base"]["evals"].get("existence_val")
+    if existence:
+        lines += ["", "Existence questions (`Is there \"the red circle\" in the image?`, yes/no; part of the "
+                      f"base curriculum), base model, greedy, {existence['count']} held-out scenes "
+                      f"({existence['absent_count']} absent): balanced accuracy {pct(existence['balanced_accuracy'])} "
+                      f"(present {pct(existence['present_accuracy'])}, absent {pct(existence['absent_accuracy'])}, "
+                      f"no verdict {pct(existence['parse_fail_rate'])})."]
+    hits = premise.get("named_object")
+    if hits and hits["count"]:
+        lines += ["", f"Does the base model read the query? On the base val split ({hits['count']} scenes of "
+                      f"2-3 objects), its box lands on the named object in {pct(hits['named'])} and on another "
+                      f"object in {pct(hits['other'])} of the scenes; picking an object at random would land on "
+                      f"the named one {pct(hits['random_pick_named'])} of the time when it lands on an object."]
+    lines += ["", f"Behaviour of the base model: greedy N-Acc {pct(n_acc)} on the study val split"
+              + (f"; sampled rollouts (T = 1) answering `[]` at the first RL step: {pct(sum(first) / len(first))} "
+                 f"(mean over the {len(first)} RLVR and ViSurf runs)." if first else ".")]
+    return lines
+
+
+def _forgetting_lines(payload: dict) -> list[str]:
+    f = payload.get("forgetting")
+    if not f:
+        return []
+    seeds = payload["settings"]["seeds"]
+    lines = ["", "## Forgetting (paper Table 2 in miniature): the base tasks before and after", "",
+             "Neither is trained during the study. Base val: 2-3 objects, every query names a present object "
+             "(grounding, never `[]`). Existence: the base curriculum's yes/no questions, balanced accuracy. "
+             "Before = the base model.", "",
+             "| Method | base gIoU before → after | base bbox acc before → after | existence before → after "
+             "| existence, absent class, before → after | paper (Table 2) |",
+             "| --- | ---: | ---: | ---: | ---: | --- |"]
+
+    def cell(name, metric, key):
+        part = f.get(name)
+        if not part or key not in part["after"]:
+            return "n/a"
+        return f"{pct(part['before'][metric])} → {_cell(part['after'][key][metric], seeds)}"
+
+    for key, label, _ in METHODS:
+        if any(key in part["after"] for part in f.values()):
+            lines.append(f"| {label} | {cell('base_val', 'giou', key)} | {cell('base_val', 'bbox_acc', key)} | "
+                         f"{cell('existence_val', 'balanced_accuracy', key)} | "
+                         f"{cell('existence_val', 'absent_accuracy', key)} | {PAPER_FORGETS.get(key, '')} |")
+    return lines
+
+
+def _settling_lines(payload: dict) -> list[str]:
+    st = payload.get("settling")
+    if not st:
+        return []
+    lines = ["", "## Have the curves settled?", "",
+             "Mean over the first, the second-to-last and the last fifth of the steps (mean over seeds); "
+             "settled: last ≈ previous.", "",
+             "| Method | curve | first | previous | last |", "| --- | --- | ---: | ---: | ---: |"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    for key, label, _ in METHODS:
+        for curve, w in st.get(key, {}).items():
+            lines.append(f"| {label} | {curve} | {fmt(w['first'])} | {fmt(w['previous'])} | {fmt(w['last'])} |")
+    return lines
 
 
 def _smooth(ys: list, k: int) -> list:

@@ -57,10 +57,45 @@ def strict_grounding_metrics(records: Sequence[dict]) -> dict[str, Any]:
     return out
 
 
+def existence_verdict(response: str) -> Optional[str]:
+    """"yes" / "no" from an answer's first word, None when there is no such answer."""
+    from visurf_megatron.rewards.anomaly import first_word
+    from visurf_megatron.rewards.parsing import extract_answer
+
+    answer = extract_answer(response)
+    word = first_word(answer) if answer is not None else None
+    return word if word in ("yes", "no") else None
+
+
+def existence_metrics(records: Sequence[dict]) -> dict[str, Any]:
+    """Existence questions ("is the named object in the image"): accuracy, balanced accuracy (mean of
+    the present and absent classes'), each class's accuracy, the share answered "yes", and answers
+    that give no verdict (counted wrong)."""
+    def acc(rs):
+        return sum(r["verdict"] == r["label"] for r in rs) / len(rs) if rs else None
+
+    present = [r for r in records if r["label"] == "yes"]
+    absent = [r for r in records if r["label"] == "no"]
+    a_present, a_absent = acc(present), acc(absent)
+    n = len(records)
+    return {"accuracy": acc(records),
+            "balanced_accuracy": (a_present + a_absent) / 2 if present and absent else None,
+            "present_accuracy": a_present, "absent_accuracy": a_absent,
+            "yes_rate": sum(r["verdict"] == "yes" for r in records) / n if n else None,
+            "parse_fail_rate": sum(r["verdict"] is None for r in records) / n if n else None,
+            "count": n, "absent_count": len(absent)}
+
+
+def _file_task(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "{}")
+    return json.loads(first).get("task") or "grounding"
+
+
 def evaluate_trainer(trainer, val_path: str, *, image_size: int, max_new_tokens: int,
                      predictions_path: Optional[str] = None, limit: Optional[int] = None) -> Optional[dict]:
-    """Greedy evaluation of the trainer's current weights on ``val_path``; collective (every rank
-    calls it). The weights go into the rollout engine (``sync_weights``); each data-parallel replica
+    """Greedy evaluation of the trainer's current weights on ``val_path`` (grounding: the strict
+    metrics; existence questions: ``existence_metrics``); collective (every rank calls it). The weights go into the rollout engine (``sync_weights``); each data-parallel replica
     answers its share of the samples; rank 0 gathers the records and returns the metrics (other
     ranks return None). Prompts, parsing, coordinate mapping and masks are the evaluation library's
     (``eval/runner.build_request``, ``eval/scoring.score_sample``, the box segmenter)."""
@@ -74,7 +109,8 @@ def evaluate_trainer(trainer, val_path: str, *, image_size: int, max_new_tokens:
     from visurf_megatron.rollout.base import SamplingConfig
 
     cfg = trainer.cfg
-    items = load_eval_items(val_path, task="grounding")
+    task = _file_task(val_path)
+    items = load_eval_items(val_path, task=task)
     if limit:
         items = items[:limit]
     trainer.sync_weights()
@@ -90,7 +126,10 @@ def evaluate_trainer(trainer, val_path: str, *, image_size: int, max_new_tokens:
         completions = trainer.engine.generate([r for r, _ in built], sampling) if built else []
         for it, (_, stored), group in zip(mine, built, completions):
             c = group[0]
-            rec, _ = score_sample(it, c.text, image=stored, image_size=image_size, segmenter=segmenter)
+            if task == "existence":
+                rec = {"verdict": existence_verdict(c.text), "label": it.sample.solution}
+            else:
+                rec, _ = score_sample(it, c.text, image=stored, image_size=image_size, segmenter=segmenter)
             records.append({"id": it.id, "index": it.index, "query": it.sample.problem, "response": c.text,
                             "finish_reason": c.finish_reason, **rec})
         trainer.engine.sleep()
@@ -108,6 +147,6 @@ def evaluate_trainer(trainer, val_path: str, *, image_size: int, max_new_tokens:
         with open(predictions_path, "w", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
-    return strict_grounding_metrics(records)
+    return existence_metrics(records) if task == "existence" else strict_grounding_metrics(records)
 
 

@@ -168,7 +168,7 @@ def _premise_lines(payload: dict) -> list[str]:
     base = payload["summary"].get("base", {})
     first = [r["curves"]["study/rollout_empty_frac"][0] for r in payload["runs"]
              if r["method"] in ("rlvr", "visurf") and r["curves"].get("study/rollout_empty_frac")]
-    lines = ["", "## Premise: the base model sees absence but never answers `[]`", "",
+    lines = ["", "## Premise check: does the base model see absence, while never answering `[]`?", "",
              f"Linear probe of \"the named object is present\" on the hidden states at the last prompt token "
              f"(every layer), fitted on {premise['train_per_class']} + {premise['train_per_class']} study-train "
              f"prompts, scored on {premise['val_per_class']} + {premise['val_per_class']} held-out study-val prompts "

@@ -264,7 +264,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--resume", action="store_true", help="reuse finished runs (result.json) found in --work")
     p.add_argument("--base-only", action="store_true", help="build and evaluate the base model only (calibration)")
     p.add_argument("--timeout-min", type=float, default=240, help="kill the training world after this long")
+    p.add_argument("--report-only", action="store_true",
+                   help="re-render nonobject.md/.png from --out's results.json (and nonobject_reading.md); train nothing")
     args = p.parse_args(argv)
+    if args.report_only:
+        return write_report(Path(args.out).resolve(), json.loads((Path(args.out) / "results.json").read_text()))
 
     started = time.time()
     profile = QUICK if args.quick else FULL
@@ -350,16 +354,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "base_warmup": warm, "base": base, "base_on_base_val": base["evals"].get("base_val"),
         "runs": runs,
     }
+    log(f"done in {wall_s / 60:.1f} min")
+    return write_report(out, payload)
+
+
+def write_report(out: Path, payload: dict) -> int:
+    """results.json, nonobject.md and nonobject.png in ``out``. The hand-written reading of a run
+    (what drives each difference), ``nonobject_reading.md`` beside them, is rendered into the
+    report; it names the run it was written for."""
     out.mkdir(parents=True, exist_ok=True)
-    # The hand-written reading of a run (what drives each difference) lives beside the report and
-    # is rendered into it; it names the run it was written for.
-    reading = out / "nonobject_reading.md"
-    if reading.is_file() and not args.quick:
-        payload["reading"] = reading.read_text()
+    payload.pop("reading", None)
     (out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
+    reading = out / "nonobject_reading.md"
+    if reading.is_file() and payload["settings"]["profile"] != "quick":
+        payload["reading"] = reading.read_text()
     (out / "nonobject.md").write_text(render_markdown(payload))
     plot(payload, out / "nonobject.png")
-    log(f"done in {wall_s / 60:.1f} min: {out / 'nonobject.md'}, {out / 'nonobject.png'}, {out / 'results.json'}")
+    log(f"wrote {out / 'nonobject.md'}, {out / 'nonobject.png'}, {out / 'results.json'}")
     print((out / "nonobject.md").read_text())
     return 0
 

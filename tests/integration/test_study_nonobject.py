@@ -54,5 +54,11 @@ def test_quick_study_completes_and_writes_its_outputs(tmp_path):
     assert "--quick smoke run" in md and "| ViSurf |" in md and "tools/study_nonobject.py" in md
     with Image.open(out / "nonobject.png") as img:
         assert img.format == "PNG" and img.size[0] > 500
+    # --report-only re-renders the report from results.json alone (no training world).
+    (out / "nonobject.md").unlink()
+    again = subprocess.run([sys.executable, "tools/study_nonobject.py", "--report-only", "--out", str(out)],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "nonobject.md").read_text() == md
     # Work files stay in --work, not in the repository's docs/ or outputs/.
     assert (work / "runs" / "visurf_seed0" / "predictions_study_val.jsonl").exists()

@@ -3,7 +3,7 @@ regression and the forgetting / settling summaries, on data whose answers are kn
 import torch
 
 from tools.nonobject_study.probe import balanced_accuracy, fit_logistic, predict
-from tools.nonobject_study.report import forgetting, settling
+from tools.nonobject_study.report import empty_answer_rates, forgetting, settling
 
 
 def _blobs(n, d, shift, seed):
@@ -88,3 +88,13 @@ def test_named_object_hits_tells_the_named_object_from_the_others(tmp_path):
     hits = named_object_hits(res["val"], path)
     assert hits["count"] == 8 and hits["named"] == 0.5 and hits["other"] == 0.5
     assert 1 / 3 <= hits["random_pick_named"] <= 1 / 2
+
+
+def test_empty_answer_rates_split_the_logged_shares_by_class():
+    # f = 0.25 absent; last fifth (2 of 10 steps): 10 % of rollouts answer [], 5 % correctly.
+    curves = {"step": list(range(10)), "study/rollout_empty_frac": [0.0] * 8 + [0.1, 0.1],
+              "study/rollout_correct_empty_frac": [0.0] * 8 + [0.05, 0.05]}
+    rates = empty_answer_rates([{"method": "visurf", "curves": curves}], 0.25)
+    assert abs(rates["visurf"]["absent"]["mean"] - 0.2) < 1e-12  # 0.05 / 0.25
+    assert abs(rates["visurf"]["present"]["mean"] - 0.05 / 0.75) < 1e-12
+    assert "sft" not in rates

@@ -150,7 +150,8 @@ def render_markdown(payload: dict) -> str:
     for key, _, _ in METHODS:
         vals = {r["seed"]: r["metrics"]["n_acc"] for r in payload["runs"] if r["method"] == key}
         lines.append(f"| {LABELS[key]} | " + " | ".join(pct(vals.get(i)) for i in range(seeds)) + " |")
-    lines += _premise_lines(payload) + _forgetting_lines(payload) + _settling_lines(payload)
+    lines += (_premise_lines(payload) + _empty_answer_lines(payload) + _forgetting_lines(payload)
+              + _settling_lines(payload))
     lines += ["", "![bars and training curves](nonobject.png)", "",
               "Raw numbers (per run, with training curves): `results.json`. Rerun: the command above "
               "(`--quick` for a smoke run; `--work` keeps data, logs and predictions).", ""]
@@ -193,6 +194,46 @@ def _premise_lines(payload: dict) -> list[str]:
     lines += ["", f"Behaviour of the base model: greedy N-Acc {pct(n_acc)} on the study val split"
               + (f"; sampled rollouts (T = 1) answering `[]` at the first RL step: {pct(sum(first) / len(first))} "
                  f"(mean over the {len(first)} RLVR and ViSurf runs)." if first else ".")]
+    return lines
+
+
+def empty_answer_rates(runs: list[dict], no_object_fraction: float, fraction: float = 0.2) -> dict:
+    """Per method, over the last ``fraction`` of the steps (mean over seeds): the share of sampled
+    rollouts answering ``[]`` when the named object is absent and when it is present, from the two
+    logged shares (all ``[]`` answers, correct ones) and the split's no-object fraction f:
+    P([] | absent) = correct / f,  P([] | present) = (all - correct) / (1 - f)."""
+    out = {}
+    for key, _, _ in METHODS:
+        rates = []
+        for r in runs:
+            c = r["curves"]
+            if r["method"] != key or not c.get("study/rollout_empty_frac"):
+                continue
+            n = len(c["study/rollout_empty_frac"])
+            w = max(1, int(n * fraction))
+            every = _window_mean(c["study/rollout_empty_frac"], n - w, n)
+            correct = _window_mean(c["study/rollout_correct_empty_frac"], n - w, n)
+            if every is not None and correct is not None:
+                rates.append((correct / no_object_fraction, (every - correct) / (1 - no_object_fraction)))
+        if rates:
+            out[key] = {"absent": mean_std([a for a, _ in rates]), "present": mean_std([p for _, p in rates])}
+    return out
+
+
+def _empty_answer_lines(payload: dict) -> list[str]:
+    rates = empty_answer_rates(payload["runs"], payload["settings"]["no_object_fraction"])
+    if not rates:
+        return []
+    seeds = payload["settings"]["seeds"]
+    lines = ["", "## Do the rollouts answer `[]` where the object is absent?", "",
+             "Sampled rollouts (T = 1) in the last fifth of the steps: the share answering `[]` when the named "
+             "object is absent and when it is present (from the logged shares of all and of correct `[]` answers "
+             f"and the split's {100 * payload['settings']['no_object_fraction']:.0f}% no-object queries). A model "
+             "that tells absence answers `[]` far more often on the left.", "",
+             "| Method | P(`[]` \| absent) | P(`[]` \| present) |", "| --- | ---: | ---: |"]
+    for key, label, _ in METHODS:
+        if key in rates:
+            lines.append(f"| {label} | {_cell(rates[key]['absent'], seeds)} | {_cell(rates[key]['present'], seeds)} |")
     return lines
 
 

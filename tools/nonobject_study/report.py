@@ -230,7 +230,7 @@ def _empty_answer_lines(payload: dict) -> list[str]:
              "object is absent and when it is present (from the logged shares of all and of correct `[]` answers "
              f"and the split's {100 * payload['settings']['no_object_fraction']:.0f}% no-object queries). A model "
              "that tells absence answers `[]` far more often on the left.", "",
-             "| Method | P(`[]` \| absent) | P(`[]` \| present) |", "| --- | ---: | ---: |"]
+             "| Method | P(`[]` \\| absent) | P(`[]` \\| present) |", "| --- | ---: | ---: |"]
     for key, label, _ in METHODS:
         if key in rates:
             lines.append(f"| {label} | {_cell(rates[key]['absent'], seeds)} | {_cell(rates[key]['present'], seeds)} |")

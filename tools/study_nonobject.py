@@ -20,8 +20,9 @@ What it does (everything on CPU, one gloo world of ``--nproc`` ranks, data paral
 2. **Base model** ("pre-trained knowledge"): the tiny random Qwen2.5-VL
    (``tools/make_tiny_checkpoint``) trained with SFT on the warm-up split, then on the base split
    mixed with *existence* questions ("Is there "the red circle" in the image?", yes/no, half absent,
-   scenes drawn like the study split's). It grounds objects, can tell that a named object is absent,
-   and has never answered a grounding query with ``[]`` (the paper's premise; checked in step 5).
+   scenes drawn like the study split's). It grounds objects and has never answered a grounding query
+   with ``[]``; the existence questions are meant to make it tell that a named object is absent (the
+   paper's premise, checked in step 5: in the committed run it does not).
 3. **Post-training** from that base, on the study split, with the same number of optimizer steps,
    prompts per step and rollouts per prompt: SFT, RLVR, SFT->RLVR (half the steps each), ViSurf, and
    ViSurf without each reward control (``algorithm.align_gt_style=false``,
@@ -268,7 +269,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="re-render nonobject.md/.png from --out's results.json (and nonobject_reading.md); train nothing")
     args = p.parse_args(argv)
     if args.report_only:
-        return write_report(Path(args.out).resolve(), json.loads((Path(args.out) / "results.json").read_text()))
+        results_json = Path(args.out) / "results.json"
+        if not results_json.is_file():
+            raise SystemExit(f"--report-only: no {results_json}; run the study first")
+        return write_report(Path(args.out).resolve(), json.loads(results_json.read_text()))
 
     started = time.time()
     profile = QUICK if args.quick else FULL

@@ -69,8 +69,8 @@ def test_named_object_hits_tells_the_named_object_from_the_others(tmp_path):
     import json
 
     from tools.make_synthetic_grounding import generate
-    from tools.nonobject_study.probe import _box_iou as _iou
     from tools.nonobject_study.probe import named_object_hits, object_boxes
+    from visurf_megatron.eval.metrics import box_iou as _iou
 
     res = generate(tmp_path, train=0, val=8, size=48, seed=3, no_object_fraction=0.0, query_types=("single",),
                    min_objects=2, max_objects=3, progress=False)

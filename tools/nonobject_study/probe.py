@@ -127,7 +127,8 @@ def check_premise(work: Path, hf: Path, base_ckpt: Path, data: dict, *, image_si
 
 
 def object_boxes(image_path: str | Path) -> list[tuple[int, int, int, int]]:
-    """(x0, y0, x1, y1) of every object in a generated scene: the connected regions of each palette
+    """Inclusive-pixel boxes [x1, y1, x2, y2] (the datasets' and ``eval.metrics.box_iou``'s) of every
+    object in a generated scene: the connected regions of each palette
     colour (the generator draws hard-edged single-colour shapes that do not touch; two objects may
     share a colour)."""
     import numpy as np
@@ -141,16 +142,8 @@ def object_boxes(image_path: str | Path) -> list[tuple[int, int, int, int]]:
     for rgb in COLORS.values():
         labels, _ = ndimage.label(np.all(img == np.array(rgb), -1))
         for sl in ndimage.find_objects(labels):
-            out.append((sl[1].start, sl[0].start, sl[1].stop, sl[0].stop))
+            out.append((sl[1].start, sl[0].start, sl[1].stop - 1, sl[0].stop - 1))
     return out
-
-
-def _box_iou(a, b) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union else 0.0
 
 
 def named_object_hits(val_jsonl: str | Path, predictions_jsonl: str | Path) -> dict:
@@ -158,6 +151,8 @@ def named_object_hits(val_jsonl: str | Path, predictions_jsonl: str | Path) -> d
     predicted box: the share whose first box has IoU > 0.5 with the named object (the solution's
     box), the share with another object of the scene, and the named object's share if an object
     were picked at random."""
+    from visurf_megatron.eval.metrics import box_iou
+
     root = Path(val_jsonl).parent
     rows = {r["id"]: r for r in (json.loads(line) for line in Path(val_jsonl).read_text().splitlines() if line.strip())}
     named = other = n = 0
@@ -169,10 +164,10 @@ def named_object_hits(val_jsonl: str | Path, predictions_jsonl: str | Path) -> d
             continue
         box, target = pred["objects"][0]["bbox_2d"], row["solution"][0]["bbox_2d"]
         scene = object_boxes(root / row["image"])
-        others = [b for b in scene if _box_iou(b, target) <= 0.5]
+        others = [b for b in scene if box_iou(b, target) <= 0.5]
         n += 1
-        named += _box_iou(box, target) > 0.5
-        other += any(_box_iou(box, b) > 0.5 for b in others)
+        named += box_iou(box, target) > 0.5
+        other += any(box_iou(box, b) > 0.5 for b in others)
         chance += 1 / (len(others) + 1)
     return {"count": n, "named": named / n if n else None, "other": other / n if n else None,
             "random_pick_named": chance / n if n else None}

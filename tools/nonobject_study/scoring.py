@@ -95,9 +95,10 @@ def _file_task(path: str) -> str:
 def evaluate_trainer(trainer, val_path: str, *, image_size: int, max_new_tokens: int,
                      predictions_path: Optional[str] = None, limit: Optional[int] = None) -> Optional[dict]:
     """Greedy evaluation of the trainer's current weights on ``val_path`` (grounding: the strict
-    metrics; existence questions: ``existence_metrics``); collective (every rank calls it). The weights go into the rollout engine (``sync_weights``); each data-parallel replica
-    answers its share of the samples; rank 0 gathers the records and returns the metrics (other
-    ranks return None). Prompts, parsing, coordinate mapping and masks are the evaluation library's
+    metrics; existence questions: ``existence_metrics``); collective (every rank calls it). The
+    weights go into the rollout engine (``sync_weights``); each data-parallel replica answers its
+    share of the samples; rank 0 gathers the records and returns the metrics (other ranks return
+    None). Prompts, parsing, coordinate mapping and masks are the evaluation library's
     (``eval/runner.build_request``, ``eval/scoring.score_sample``, the box segmenter)."""
     import torch.distributed as dist
     from megatron.core import parallel_state

@@ -73,6 +73,7 @@ from tools.nonobject_study.report import forgetting, pct, plot, render_markdown,
 from tools.nonobject_study.scoring import evaluate_trainer  # noqa: E402
 
 CONFIG_DIR = REPO / "examples" / "configs" / "study"
+BASE_STAGES = 3  # build_jobs' first jobs: the base model's SFT stages
 
 
 def log(msg: str) -> None:
@@ -167,11 +168,12 @@ def study_world(jobs: list[dict], log_dir: str) -> list[dict]:
                 result_file.write_text(json.dumps(result))
                 results.append(result)
                 m = result["metrics"]
+                scores = ([f"gIoU {pct(m['giou'])} cIoU {pct(m['ciou'])} N-Acc {pct(m['n_acc'])} T-Acc {pct(m['t_acc'])} "
+                           f"bbox {pct(m['bbox_acc'])} parse-fail {pct(m['parse_fail_rate'])}"] if "giou" in m else [])
+                if evals.get("existence_val"):
+                    scores.append(f"existence acc {pct(evals['existence_val']['balanced_accuracy'])} (balanced)")
                 log(f"{job['name']}: trained {cfg.train.steps} steps in {train_s:.0f} s, evaluated in {eval_s:.0f} s: "
-                    f"gIoU {pct(m['giou'])} cIoU {pct(m['ciou'])} N-Acc {pct(m['n_acc'])} "
-                    f"T-Acc {pct(m['t_acc'])} bbox {pct(m['bbox_acc'])} parse-fail {pct(m['parse_fail_rate'])}"
-                    + (f"; existence acc {pct(evals['existence_val']['balanced_accuracy'])} (balanced)"
-                       if evals.get("existence_val") else ""))
+                    + "; ".join(scores))
             dist.barrier()
     return results if rank == 0 else []
 
@@ -198,15 +200,19 @@ def load_method_configs(config_dir: Path) -> dict[str, str]:
 
 def build_jobs(work: Path, hf: Path, data: dict, profile: Profile, config_dir: Path, *, seeds: int,
                resume: bool, eval_max_new_tokens: int) -> list[dict]:
-    """The world's work list: the base model in two SFT stages (one-object scenes, then the base
-    split), then every method x seed from the base checkpoint."""
+    """The world's work list: the base model in three SFT stages (existence questions, one-object
+    scenes, then the base split mixed with existence questions), then every method x seed from the
+    base checkpoint."""
+    exist_ckpt = work / "base_existence" / "checkpoints"
     warm_ckpt = work / "base_warmup" / "checkpoints"
     base_ckpt = work / "base" / "checkpoints"
     common = [f"model.hf_path={hf}"]
     jobs = []
     for name, cfg_file, split, init, ckpt, steps, evals in (
-            ("base_warmup", "base_warmup.yaml", "warmup", None, warm_ckpt, profile.warmup_steps,
-             {"warmup_val": data["warmup"]["val"]}),
+            ("base_existence", "base_existence.yaml", "existence", None, exist_ckpt, profile.existence_steps,
+             {"existence_val": data["existence"]["val"]}),
+            ("base_warmup", "base_warmup.yaml", "warmup_mix", exist_ckpt, warm_ckpt, profile.warmup_steps,
+             {"warmup_val": data["warmup"]["val"], "existence_val": data["existence"]["val"]}),
             ("base", "base_sft.yaml", "base_mix", warm_ckpt, base_ckpt, profile.base_steps,
              {"study_val": data["study"]["val"], "base_val": data["base"]["val"],
               "existence_val": data["existence"]["val"]})):
@@ -298,7 +304,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     jobs = build_jobs(work, hf, data, profile, config_dir, seeds=seeds, resume=args.resume,
                       eval_max_new_tokens=load_config(method_cfgs["visurf"]).rollout.max_new_tokens)
     if args.base_only:
-        jobs = jobs[:2]
+        jobs = jobs[:BASE_STAGES]
     t = time.time()
     results = run_world(study_world, args.nproc, jobs, str(work / "logs"), timeout_s=args.timeout_min * 60,
                         env={"PYTHONUNBUFFERED": "1"})[0]
@@ -306,9 +312,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.base_only:
         log(f"base model built and evaluated in {world_s:.0f} s: {work / 'base'}")
         return 0
+    exist = next(r for r in results if r["method"] == "base_existence")
     warm = next(r for r in results if r["method"] == "base_warmup")
     base = next(r for r in results if r["method"] == "base")
-    runs = [r for r in results if r["method"] not in ("base", "base_warmup")]
+    runs = [r for r in results if r["method"] not in ("base", "base_warmup", "base_existence")]
 
     ref = load_config(method_cfgs["visurf"], next(j for j in jobs if j["method"] == "visurf")["overrides"])
     t = time.time()
@@ -318,13 +325,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     probe_s = time.time() - t
     log("premise probe (balanced held-out accuracy of 'the named object is present'): "
         + ", ".join(f"{k} {pct(v['val_balanced_acc'])}" for k, v in premise["models"].items()) + f" ({probe_s:.0f} s)")
-    warm_cfg = load_config(jobs[0]["config"], jobs[0]["overrides"])
-    base_cfg = load_config(jobs[1]["config"], jobs[1]["overrides"])
+    exist_cfg = load_config(jobs[0]["config"], jobs[0]["overrides"])
+    warm_cfg = load_config(jobs[1]["config"], jobs[1]["overrides"])
+    base_cfg = load_config(jobs[2]["config"], jobs[2]["overrides"])
     study_rows = [json.loads(line) for line in Path(data["study"]["val"]).read_text().splitlines() if line.strip()]
     settings = {
         "profile": profile.name, "seeds": seeds, "nproc": args.nproc, "data_size": profile.data_size,
         "image_size": ref.data.image_size, "init_std": profile.init_std,
         "object_frac": list(profile.object_frac), "halo": profile.halo, "shade_strength": profile.shade_strength,
+        "existence_steps": exist_cfg.train.steps, "existence_lr": exist_cfg.train.lr,
+        "existence_prompts_per_step": exist_cfg.data.prompts_per_step,
         "warmup_train": profile.warmup_train, "warmup_steps": warm_cfg.train.steps,
         "model": dict(profile.model), "model_params": _count_params(hf),
         "base_train": profile.base_train, "base_val": profile.base_val, "base_steps": base_cfg.train.steps,
@@ -338,8 +348,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "switch_step": load_config(method_cfgs["sft_then_rlvr"],
                                    next(j for j in jobs if j["method"] == "sft_then_rlvr")["overrides"]
                                    ).algorithm.sft_then_rlvr_switch_step,
-        "configs": dict(method_cfgs) | {"base_warmup": jobs[0]["config"],
-                                                                     "base": jobs[1]["config"]},
+        "configs": dict(method_cfgs) | {"base_existence": jobs[0]["config"], "base_warmup": jobs[1]["config"],
+                                        "base": jobs[2]["config"]},
         "data": data,
     }
     wall_s = time.time() - started
@@ -347,7 +357,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "wall_s": round(wall_s, 1),
         "timing": {"data_s": round(data_s, 1), "world_s": round(world_s, 1), "probe_s": round(probe_s, 1),
-                   "base_s": round(warm["train_s"] + warm["eval_s"] + base["train_s"] + base["eval_s"], 1),
+                   "base_s": round(sum(r["train_s"] + r["eval_s"] for r in (exist, warm, base)), 1),
                    "runs_s": round(sum(r["train_s"] + r["eval_s"] for r in runs), 1)},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "settings": settings,
@@ -355,7 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "premise": premise,
         "forgetting": forgetting(base, runs),
         "settling": settling(runs),
-        "base_warmup": warm, "base": base, "base_on_base_val": base["evals"].get("base_val"),
+        "base_existence": exist, "base_warmup": warm, "base": base, "base_on_base_val": base["evals"].get("base_val"),
         "runs": runs,
     }
     log(f"done in {wall_s / 60:.1f} min")

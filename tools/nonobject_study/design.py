@@ -15,6 +15,7 @@ class Profile:
     base_val: int
     study_train: int  # study split (no_object_fraction of no-object queries)
     study_val: int
+    existence_steps: Optional[int]  # None: base_existence.yaml's train.steps
     warmup_steps: Optional[int]  # None: base_warmup.yaml's train.steps
     base_steps: Optional[int]  # None: base_sft.yaml's train.steps
     steps: Optional[int]  # None: the method configs' train.steps
@@ -43,9 +44,9 @@ class Profile:
 
 
 FULL = Profile("full", seeds=3, warmup_train=3000, base_train=4000, base_val=150, study_train=2000, study_val=600,
-               warmup_steps=None, base_steps=None, steps=None)
+               existence_steps=None, warmup_steps=None, base_steps=None, steps=None)
 QUICK = Profile("quick", seeds=1, warmup_train=200, base_train=200, base_val=32, study_train=200, study_val=48,
-                warmup_steps=40, base_steps=40, steps=8, existence_train=100, existence_val=32,
+                existence_steps=20, warmup_steps=40, base_steps=40, steps=8, existence_train=100, existence_val=32,
                 probe_train=12, probe_val=8)
 
 # (key, table label, config file, what differs from ViSurf)

@@ -18,13 +18,14 @@ What it does (everything on CPU, one gloo world of ``--nproc`` ranks, data paral
    own image tokens. (A ramp over the whole background was not learnt in 1800 steps: gIoU 0.4 %; the
    halo reached 30 % in 600 steps on one-object scenes.)
 2. **Base model** ("pre-trained knowledge"): the tiny random Qwen2.5-VL
-   (``tools/make_tiny_checkpoint``) trained with SFT in three stages: *existence* questions alone
-   ("Is there "the red circle" in the image?", yes/no, half absent, scenes drawn like the study
-   split's), then the warm-up split, then the base split, both mixed with the existence questions.
-   It grounds objects and has never answered a grounding query with ``[]``; the existence
-   questions are what should make it tell that a named object is absent (the paper's premise,
-   checked in step 5). They come first because binding a colour word to the image is the slow part
-   for the tiny model: mixed into grounding from the start, their loss never left ln 2.
+   (``tools/make_tiny_checkpoint``) trained with SFT in three stages: the warm-up split; the base
+   split mixed with *existence* questions ("Is there "the red circle" in the image?", yes/no, half
+   absent, scenes drawn like the study split's); then the existence questions again, now the bulk
+   of the rows (three copies to one of the base split), at a lower learning rate. It grounds objects
+   and has never answered a grounding query with ``[]``; the existence questions are what should
+   make it tell that a named object is absent (the paper's premise, checked in step 5). The last
+   stage is there because binding a colour word to the image is the slow part for the tiny model: a
+   third of the rows at the grounding stages' learning rate, their loss never left ln 2.
 3. **Post-training** from that base, on the study split, with the same number of optimizer steps,
    prompts per step and rollouts per prompt: SFT, RLVR, SFT->RLVR (half the steps each), ViSurf, and
    ViSurf without each reward control (``algorithm.align_gt_style=false``,
@@ -205,17 +206,18 @@ def build_jobs(work: Path, hf: Path, data: dict, profile: Profile, config_dir: P
     """The world's work list: the base model in three SFT stages (existence questions, one-object
     scenes, then the base split mixed with existence questions), then every method x seed from the
     base checkpoint."""
-    exist_ckpt = work / "base_existence" / "checkpoints"
     warm_ckpt = work / "base_warmup" / "checkpoints"
+    grounding_ckpt = work / "base_grounding" / "checkpoints"
     base_ckpt = work / "base" / "checkpoints"
     common = [f"model.hf_path={hf}"]
     jobs = []
     for name, cfg_file, split, init, ckpt, steps, evals in (
-            ("base_existence", "base_existence.yaml", "existence", None, exist_ckpt, profile.existence_steps,
-             {"existence_val": data["existence"]["val"]}),
-            ("base_warmup", "base_warmup.yaml", "warmup_mix", exist_ckpt, warm_ckpt, profile.warmup_steps,
-             {"warmup_val": data["warmup"]["val"], "existence_val": data["existence"]["val"]}),
-            ("base", "base_sft.yaml", "base_mix", warm_ckpt, base_ckpt, profile.base_steps,
+            ("base_warmup", "base_warmup.yaml", "warmup", None, warm_ckpt, profile.warmup_steps,
+             {"warmup_val": data["warmup"]["val"]}),
+            ("base_grounding", "base_sft.yaml", "base_mix", warm_ckpt, grounding_ckpt, profile.base_steps,
+             {"study_val": data["study"]["val"], "base_val": data["base"]["val"],
+              "existence_val": data["existence"]["val"]}),
+            ("base", "base_existence.yaml", "existence_mix", grounding_ckpt, base_ckpt, profile.existence_steps,
              {"study_val": data["study"]["val"], "base_val": data["base"]["val"],
               "existence_val": data["existence"]["val"]})):
         over = common + [f"data.train_path={data[split]['train']}", f"checkpoint.dir={ckpt}",
@@ -314,10 +316,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.base_only:
         log(f"base model built and evaluated in {world_s:.0f} s: {work / 'base'}")
         return 0
-    exist = next(r for r in results if r["method"] == "base_existence")
-    warm = next(r for r in results if r["method"] == "base_warmup")
-    base = next(r for r in results if r["method"] == "base")
-    runs = [r for r in results if r["method"] not in ("base", "base_warmup", "base_existence")]
+    stages = results[:BASE_STAGES]
+    warm, grounding, base = stages
+    runs = results[BASE_STAGES:]
 
     ref = load_config(method_cfgs["visurf"], next(j for j in jobs if j["method"] == "visurf")["overrides"])
     t = time.time()
@@ -327,9 +328,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     probe_s = time.time() - t
     log("premise probe (balanced held-out accuracy of 'the named object is present'): "
         + ", ".join(f"{k} {pct(v['val_balanced_acc'])}" for k, v in premise["models"].items()) + f" ({probe_s:.0f} s)")
-    exist_cfg = load_config(jobs[0]["config"], jobs[0]["overrides"])
-    warm_cfg = load_config(jobs[1]["config"], jobs[1]["overrides"])
-    base_cfg = load_config(jobs[2]["config"], jobs[2]["overrides"])
+    warm_cfg = load_config(jobs[0]["config"], jobs[0]["overrides"])
+    base_cfg = load_config(jobs[1]["config"], jobs[1]["overrides"])
+    exist_cfg = load_config(jobs[2]["config"], jobs[2]["overrides"])
     study_rows = [json.loads(line) for line in Path(data["study"]["val"]).read_text().splitlines() if line.strip()]
     settings = {
         "profile": profile.name, "seeds": seeds, "nproc": args.nproc, "data_size": profile.data_size,
@@ -350,7 +351,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "switch_step": load_config(method_cfgs["sft_then_rlvr"],
                                    next(j for j in jobs if j["method"] == "sft_then_rlvr")["overrides"]
                                    ).algorithm.sft_then_rlvr_switch_step,
-        "configs": dict(method_cfgs) | {"base_existence": jobs[0]["config"], "base_warmup": jobs[1]["config"],
+        "configs": dict(method_cfgs) | {"base_warmup": jobs[0]["config"], "base_grounding": jobs[1]["config"],
                                         "base": jobs[2]["config"]},
         "data": data,
     }
@@ -359,7 +360,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "wall_s": round(wall_s, 1),
         "timing": {"data_s": round(data_s, 1), "world_s": round(world_s, 1), "probe_s": round(probe_s, 1),
-                   "base_s": round(sum(r["train_s"] + r["eval_s"] for r in (exist, warm, base)), 1),
+                   "base_s": round(sum(r["train_s"] + r["eval_s"] for r in stages), 1),
                    "runs_s": round(sum(r["train_s"] + r["eval_s"] for r in runs), 1)},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "settings": settings,
@@ -367,7 +368,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "premise": premise,
         "forgetting": forgetting(base, runs),
         "settling": settling(runs),
-        "base_existence": exist, "base_warmup": warm, "base": base, "base_on_base_val": base["evals"].get("base_val"),
+        "base_warmup": warm, "base_grounding": grounding, "base": base, "base_on_base_val": base["evals"].get("base_val"),
         "runs": runs,
     }
     log(f"done in {wall_s / 60:.1f} min")

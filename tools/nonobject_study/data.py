@@ -178,11 +178,14 @@ def make_data(work: Path, profile: Profile) -> dict:
                        "no_object_fraction": frac or 0.0, "seed": seed, "reworded_no_object_queries": reworded,
                        "shaded_images": shaded}
         done.write_text(json.dumps(info[split], indent=2))
-    # The existence questions stay in both grounding stages' training rows: learnt first on their own
-    # (base_existence.yaml), they are kept up and still improving while the model learns to ground.
-    for mix, split in (("warmup_mix", "warmup"), ("base_mix", "base")):
-        parts = [(split, Path(info[split]["train"])), ("existence", Path(info["existence"]["train"]))]
-        info[mix] = {"train": mix_splits(work / "data" / mix, parts, profile.data_seed)}
+    info["base_mix"] = {"train": mix_splits(work / "data" / "base_mix", [("base", Path(info["base"]["train"])),
+                                                                         ("existence", Path(info["existence"]["train"]))],
+                                            profile.data_seed)}
+    # The base model's last stage: mostly existence questions (three copies of each), with the base
+    # split's grounding rows kept in so that grounding is held while the existence questions are learnt.
+    info["existence_mix"] = {"train": mix_splits(
+        work / "data" / "existence_mix", [("base", Path(info["base"]["train"]))]
+        + [(f"existence{k}", Path(info["existence"]["train"])) for k in range(3)], profile.data_seed)}
     return info
 
 

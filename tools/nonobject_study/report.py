@@ -107,13 +107,14 @@ def render_markdown(payload: dict) -> str:
         f"(data {payload['timing']['data_s']:.0f} s, base model {payload['timing']['base_s']:.0f} s, "
         f"{len(payload['runs'])} post-training runs {payload['timing']['runs_s']:.0f} s; started {payload['started']}).",
         "",
-        f"Base model: tiny Qwen2.5-VL ({st['model_params']}) trained with SFT"
-        + (f" for {st['existence_steps']} steps on the existence questions alone ({st['existence_prompts_per_step']} "
-           "per step), then" if st.get("existence_steps") else "")
-        + f" for {st['warmup_steps']} steps on "
+        f"Base model: tiny Qwen2.5-VL ({st['model_params']}) trained with SFT for {st['warmup_steps']} steps on "
         f"{st['warmup_train']} one-object scenes, then {st['base_steps']} steps on {st['base_train']} base-split "
         f"images (2-3 objects; every query names a present object; it never saw `[]`) mixed with "
-        f"{st.get('existence_train', 0)} existence questions (yes/no, half of the named objects absent). Images are "
+        f"{st.get('existence_train', 0)} existence questions (yes/no, half of the named objects absent)"
+        + (f", then {st['existence_steps']} steps (lr {st['existence_lr']}, {st['existence_prompts_per_step']} rows "
+           "per step) on the same existence questions, three copies of each, mixed with the base split"
+           if st.get("existence_steps") else "")
+        + ". Images are "
         f"{st['data_size']} px (fed at {st['image_size']} px), objects {st['object_frac'][0]:.0%}-{st['object_frac'][1]:.0%} "
         f"of the side, position painted in a {st['halo']}-px colour-ramp halo around each object (no absolute "
         "position embedding in the model; see the script's docstring). "

@@ -44,9 +44,12 @@ def test_quick_study_completes_and_writes_its_outputs(tmp_path):
     assert set(payload["forgetting"]["base_val"]["after"]) == METHODS
     assert set(payload["forgetting"]["existence_val"]["after"]) == METHODS
     assert payload["base"]["evals"]["existence_val"]["count"] == payload["settings"]["existence_val"]
-    # The base curriculum's first stage: existence questions alone, scored on their val split.
-    assert payload["base_existence"]["steps"] == payload["settings"]["existence_steps"] > 0
-    assert payload["base_existence"]["evals"]["existence_val"]["count"] == payload["settings"]["existence_val"]
+    # The base curriculum: warm-up, grounding (existence mixed in), then the existence-heavy stage
+    # that gives the base model; the two later stages are scored on the existence questions.
+    assert [r["method"] for r in (payload["base_warmup"], payload["base_grounding"], payload["base"])] == [
+        "base_warmup", "base_grounding", "base"]
+    assert payload["base"]["steps"] == payload["settings"]["existence_steps"] > 0
+    assert payload["base_grounding"]["evals"]["existence_val"]["count"] == payload["settings"]["existence_val"]
     for run in payload["runs"]:
         assert run["evals"]["base_val"]["no_target_count"] == 0
     assert {k for k, v in payload["settling"].items() if "reward/total" in v} == METHODS - {"sft"}

@@ -183,12 +183,15 @@ def _premise_lines(payload: dict) -> list[str]:
         lines.append(f"| {name} | {pct(m['val_balanced_acc'])} | {pct(m['train_balanced_acc'])} |")
     n_acc = base.get("n_acc", {}).get("mean")
     existence = payload["base"]["evals"].get("existence_val")
+    earlier = (payload.get("base_grounding") or {}).get("evals", {}).get("existence_val")
     if existence:
         lines += ["", "Existence questions (`Is there \"the red circle\" in the image?`, yes/no; part of the "
                       f"base curriculum), base model, greedy, {existence['count']} held-out scenes "
                       f"({existence['absent_count']} absent): balanced accuracy {pct(existence['balanced_accuracy'])} "
                       f"(present {pct(existence['present_accuracy'])}, absent {pct(existence['absent_accuracy'])}, "
-                      f"no verdict {pct(existence['parse_fail_rate'])})."]
+                      f"no verdict {pct(existence['parse_fail_rate'])})"
+                      + (f"; {pct(earlier['balanced_accuracy'])} after the grounding stage, before the last "
+                         "(existence-heavy) stage." if earlier else ".")]
     hits = premise.get("named_object")
     if hits and hits["count"]:
         lines += ["", f"Does the base model read the query? On the base val split ({hits['count']} scenes of "

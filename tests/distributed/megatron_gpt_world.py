@@ -123,3 +123,19 @@ def run_layouts(layouts):
         assert loss is None or math.isfinite(loss)
         out.append(report)
     return out
+
+
+def groups_over_rebuilds(rebuilds: int) -> list[tuple[int, int]]:
+    """(live process groups, native threads of this process) after each of ``rebuilds`` calls of
+    ``setup_model_parallel``, the way a process that builds trainer after trainer makes them."""
+    import os
+
+    from torch.distributed import distributed_c10d
+
+    from visurf_megatron.runtime import setup_model_parallel
+
+    out = []
+    for i in range(rebuilds):
+        setup_model_parallel(tp=2 if i % 2 else 1, pp=1)
+        out.append((len(distributed_c10d._world.pg_map), len(os.listdir("/proc/self/task"))))
+    return out

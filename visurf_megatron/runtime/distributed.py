@@ -162,13 +162,14 @@ def setup_model_parallel(
         raise ValueError(f"virtual pipeline size {vpp} needs pp >= 2 and vpp >= 1")
     if sequence_parallel and tp == 1:
         raise ValueError("sequence_parallel needs tp > 1")
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    release_model_parallel()
+    before = set(_subgroups())
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
     )
+    _MODEL_PARALLEL_GROUPS[:] = [g for g in _subgroups() if g not in before]
     # Same seed on every rank for replicated state; megatron offsets the TP stream by rank.
     seed_everything(seed)
     if cpu.is_active():
@@ -178,10 +179,36 @@ def setup_model_parallel(
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def teardown() -> None:
+# The process groups megatron made at the last ``setup_model_parallel`` in this process.
+_MODEL_PARALLEL_GROUPS: list = []
+
+
+def _subgroups() -> list:
+    """Every live process group but the default one. torch has no public listing; its registry is
+    the one place that knows them all."""
+    from torch.distributed import distributed_c10d
+
+    return [g for g in distributed_c10d._world.pg_map if g is not dist.GroupMember.WORLD]
+
+
+def release_model_parallel() -> None:
+    """Forget megatron's parallel state and destroy the process groups it made. megatron's own
+    ``destroy_model_parallel`` only drops its references: torch keeps every group registered, each
+    gloo group with its own TCP threads, so a process that builds trainer after trainer (the study
+    runs 24 in one world) gathered hundreds of threads, and each run was slower than the last.
+    Local to each rank, not a collective."""
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    live = set(_subgroups()) if dist.is_initialized() else set()
+    for group in _MODEL_PARALLEL_GROUPS:
+        if group in live:
+            dist.destroy_process_group(group)
+    _MODEL_PARALLEL_GROUPS.clear()
+
+
+def teardown() -> None:
+    release_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -141,7 +141,7 @@ def study_world(jobs: list[dict], log_dir: str) -> list[dict]:
             result_file = Path(job["result_file"])
             if job.get("resume") and result_file.exists():
                 if rank == 0:
-                    results.append(json.loads(result_file.read_text()))
+                    results.append(json.loads(result_file.read_text()) | {"reused": True})
                     log(f"{job['name']}: reused {result_file}")
                 continue
             print(f"==== {job['name']} {job['overrides']}", flush=True)
@@ -361,7 +361,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "wall_s": round(wall_s, 1),
         "timing": {"data_s": round(data_s, 1), "world_s": round(world_s, 1), "probe_s": round(probe_s, 1),
                    "base_s": round(sum(r["train_s"] + r["eval_s"] for r in stages), 1),
-                   "runs_s": round(sum(r["train_s"] + r["eval_s"] for r in runs), 1)},
+                   "runs_s": round(sum(r["train_s"] + r["eval_s"] for r in runs), 1),
+                   # --resume: jobs finished by an earlier invocation (their times are in base_s / runs_s)
+                   "jobs": len(results), "reused_jobs": [r["name"] for r in results if r.get("reused")],
+                   "reused_s": round(sum(r["train_s"] + r["eval_s"] for r in results if r.get("reused")), 1)},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "settings": settings,
         "summary": summarise(results),

@@ -95,6 +95,19 @@ def _cell(stat: dict, seeds: int) -> str:
     return text
 
 
+def _reused_note(payload: dict) -> str:
+    """With --resume, the wall time covers only this invocation: say which jobs came from earlier
+    ones and what a fresh run adds up to: this wall time plus the reused jobs' own times."""
+    t = payload["timing"]
+    reused = t.get("reused_jobs") or []
+    if not reused:
+        return ""
+    fresh = payload["wall_s"] + t["reused_s"]
+    return (f"; {len(reused)} of the {t['jobs']} jobs were finished by earlier invocations of the "
+            f"same command (`--resume`: {', '.join(reused)}), so a fresh run adds up to "
+            f"about **{fresh / 60:.0f} min**")
+
+
 def render_markdown(payload: dict) -> str:
     s, seeds = payload["summary"], payload["settings"]["seeds"]
     st = payload["settings"]
@@ -105,7 +118,8 @@ def render_markdown(payload: dict) -> str:
         f"Produced by one run of `{payload['command']}` on {payload['machine']['cpus']} CPU cores "
         f"({payload['machine']['platform']}), wall time **{payload['wall_s'] / 60:.1f} min** "
         f"(data {payload['timing']['data_s']:.0f} s, base model {payload['timing']['base_s']:.0f} s, "
-        f"{len(payload['runs'])} post-training runs {payload['timing']['runs_s']:.0f} s; started {payload['started']}).",
+        f"{len(payload['runs'])} post-training runs {payload['timing']['runs_s']:.0f} s; started {payload['started']})"
+        + _reused_note(payload) + ".",
         "",
         f"Base model: tiny Qwen2.5-VL ({st['model_params']}) trained with SFT for {st['warmup_steps']} steps on "
         f"{st['warmup_train']} one-object scenes, then {st['base_steps']} steps on {st['base_train']} base-split "

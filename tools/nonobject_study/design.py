@@ -61,7 +61,7 @@ METHODS: list[tuple[str, str, str]] = [
 ]
 PARADIGM_ROWS = ["base", "sft", "rlvr", "sft_then_rlvr", "visurf"]
 ABLATION_ROWS = ["visurf", "visurf_no_align_gt", "visurf_no_gt_nothink", "visurf_no_smooth"]
-LABELS = {"base": "Base (SFT on the base split)", **{k: label for k, label, _ in METHODS}}
+LABELS = {"base": "Base (SFT curriculum, ending on existence questions)", **{k: label for k, label, _ in METHODS}}
 METRICS = ("giou", "ciou", "n_acc", "t_acc", "bbox_acc", "parse_fail_rate")
 CURVE_KEYS = ("reward/total", "reward/accuracy", "reward_gt/total", "entropy", "gt_logp", "visurf/mean_adv_gt",
               "visurf/frac_groups_smoothed", "study/rollout_empty_frac", "study/rollout_correct_empty_frac",

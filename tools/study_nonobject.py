@@ -337,7 +337,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "image_size": ref.data.image_size, "init_std": profile.init_std,
         "object_frac": list(profile.object_frac), "halo": profile.halo, "shade_strength": profile.shade_strength,
         "existence_steps": exist_cfg.train.steps, "existence_lr": exist_cfg.train.lr,
-        "existence_prompts_per_step": exist_cfg.data.prompts_per_step,
+        "existence_prompts_per_step": exist_cfg.data.prompts_per_step, "existence_copies": profile.existence_copies,
         "warmup_train": profile.warmup_train, "warmup_steps": warm_cfg.train.steps,
         "model": dict(profile.model), "model_params": _count_params(hf),
         "base_train": profile.base_train, "base_val": profile.base_val, "base_steps": base_cfg.train.steps,

@@ -181,11 +181,11 @@ def make_data(work: Path, profile: Profile) -> dict:
     info["base_mix"] = {"train": mix_splits(work / "data" / "base_mix", [("base", Path(info["base"]["train"])),
                                                                          ("existence", Path(info["existence"]["train"]))],
                                             profile.data_seed)}
-    # The base model's last stage: mostly existence questions (three copies of each), with the base
+    # The base model's last stage: mostly existence questions (existence_copies of each), with the base
     # split's grounding rows kept in so that grounding is held while the existence questions are learnt.
     info["existence_mix"] = {"train": mix_splits(
         work / "data" / "existence_mix", [("base", Path(info["base"]["train"]))]
-        + [(f"existence{k}", Path(info["existence"]["train"])) for k in range(3)], profile.data_seed)}
+        + [(f"existence{k}", Path(info["existence"]["train"])) for k in range(profile.existence_copies)], profile.data_seed)}
     return info
 
 

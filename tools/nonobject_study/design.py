@@ -21,6 +21,7 @@ class Profile:
     steps: Optional[int]  # None: the method configs' train.steps
     existence_train: int = 2000  # base curriculum: yes/no "is it there" questions (half absent)
     existence_val: int = 300
+    existence_copies: int = 3  # base model's last stage: copies of each existence question per base-split row
     probe_train: int = 300  # premise probe: rows per class (present / absent) to fit on, study train split
     probe_val: int = 150  # ... and to score on, study val split
     data_size: int = 48  # images are drawn this size (the generator's smallest), fed at data.image_size

@@ -126,7 +126,7 @@ def render_markdown(payload: dict) -> str:
         f"images (2-3 objects; every query names a present object; it never saw `[]`) mixed with "
         f"{st.get('existence_train', 0)} existence questions (yes/no, half of the named objects absent)"
         + (f", then {st['existence_steps']} steps (lr {st['existence_lr']}, {st['existence_prompts_per_step']} rows "
-           "per step) on the same existence questions, three copies of each, mixed with the base split"
+           f"per step) on the same existence questions, {st['existence_copies']} copies of each, mixed with the base split"
            if st.get("existence_steps") else "")
         + ". Images are "
         f"{st['data_size']} px (fed at {st['image_size']} px), objects {st['object_frac'][0]:.0%}-{st['object_frac'][1]:.0%} "

@@ -62,6 +62,35 @@ def test_cpu_shim_redirects_cuda_calls_and_undoes_them():
         torch.zeros(1, device="cuda")
 
 
+
+def test_cpu_shim_suspension_runs_plain_torch_and_restores_the_mode():
+    from torch.overrides import TorchFunctionMode
+
+    class Outer(TorchFunctionMode):  # a mode pushed after the shim's must stay in place
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with cpu.suspended():  # inactive shim: a no-op
+        assert torch.ones(1).type() == "torch.FloatTensor"
+    try:
+        assert cpu.activate() is True
+        with cpu.suspended():
+            assert torch.ones(1).type() == "torch.FloatTensor"  # the mode's answer is gone inside
+            with pytest.raises((RuntimeError, AssertionError)):
+                torch.zeros(1, device="cuda")
+        assert torch.ones(1).type() == "torch.cuda.FloatTensor"
+        assert torch.zeros(1, device="cuda").device.type == "cpu"
+        with pytest.raises(ValueError):
+            with cpu.suspended():
+                raise ValueError("the mode comes back after an error too")
+        assert torch.ones(1).type() == "torch.cuda.FloatTensor"
+        with Outer():
+            with cpu.suspended():  # not the innermost mode: left alone
+                assert torch.ones(1).type() == "torch.cuda.FloatTensor"
+        assert torch.ones(1).type() == "torch.cuda.FloatTensor"
+    finally:
+        cpu.deactivate()
+
 def test_cpu_rng_tracker_forks_and_restores():
     tracker = cpu.CpuRNGStatesTracker()
     tracker.add("a", 5)

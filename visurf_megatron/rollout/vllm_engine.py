@@ -48,7 +48,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from ..runtime import torchvision_shim
+from ..runtime import cpu, torchvision_shim
 from .base import Completion, EngineState, RolloutRequest, SamplingConfig, request_seed, trim_at_stop
 from .processor import checkpoint_stop_token_ids, merged_stop_token_ids
 
@@ -327,7 +327,8 @@ class VLLMRolloutEngine:
                                                                                   sampling.n)))
             for i in range(len(requests))
         ]
-        outputs = self.llm.generate([vllm_prompt(r) for r in requests], sampling_params=params, use_tqdm=False)
+        with cpu.suspended():
+            outputs = self.llm.generate([vllm_prompt(r) for r in requests], sampling_params=params, use_tqdm=False)
         self.requests_generated += len(requests)
         return [completions_from_request_output(o, stop_token_ids=stops, max_new_tokens=sampling.max_new_tokens)
                 for o in outputs]

@@ -146,3 +146,21 @@ def streamed_save_world(hf_dir, out_dir, tp):
     different = [n for (n, a), b in zip(reference.named_parameters(), reloaded.parameters()) if not torch.equal(a, b)]
     return {"unread": unread, "different": different, "peak": stream.pool.peak, "largest": max(sizes),
             "total": sum(sizes)}
+
+
+def equal_images_vision_world(hf_dir, batch):
+    """Vision tower on images of one size (every window and image region the same length): the
+    batched regions and the block-diagonal mask, outputs and parameter gradients, TP1."""
+    model, _, _ = build_model(hf_dir, 1, 1, False)
+    tower = model.vision_model
+    out = {}
+    for batched in (True, False):
+        tower.batch_equal_regions = batched
+        tower.zero_grad(set_to_none=True)
+        merged = tower(batch["pixel_values"], batch["image_grid_thw"])
+        weights = torch.linspace(-1, 1, merged.numel()).view_as(merged)
+        (merged * weights).sum().backward()
+        out[batched] = {"merged": merged.detach(),
+                        "grads": {n: p.grad.detach().clone() for n, p in tower.named_parameters() if p.grad is not None},
+                        "n_params": sum(1 for _ in tower.parameters())}
+    return out

@@ -6,7 +6,7 @@ import torch
 from tests.qwen_fixtures import build_batch, build_checkpoint, hf_reference_logits
 from visurf_megatron.runtime.spawn import run_world
 
-from .qwen_world import parity_world
+from .qwen_world import equal_images_vision_world, parity_world
 
 
 def _references(root, family):
@@ -90,3 +90,31 @@ def test_qwen2_vl_tp2_x_pp2_sequence_parallel_matches_transformers(qwen2_vl_refe
     layouts = [(2, 2, True)]
     results = run_world(parity_world, 4, dirs, batches, layouts, timeout_s=600)
     _check(results, qwen2_vl_references, layouts)
+
+
+def test_vision_regions_of_one_length_run_batched_and_match_transformers(tmp_path):
+    """Images of one size: every window (56 px) and image region has one length, so the local backend
+    runs them as a batch [L, R, h]. Output == transformers' vision tower; output and gradients ==
+    the block-diagonal-mask path."""
+    import numpy as np
+
+    from tests.qwen_fixtures import _image
+    from tools.make_tiny_checkpoint import load_processor
+    from visurf_megatron.models.families import transformers_class
+
+    hf_dir = build_checkpoint(tmp_path, "untied")
+    rng = np.random.default_rng(5)
+    images = [_image(rng, 112, 112) for _ in range(3)]
+    batch = dict(load_processor(hf_dir).image_processor(images=images, return_tensors="pt"))
+    assert batch["image_grid_thw"].tolist() == [[1, 8, 8]] * 3
+    hf = transformers_class("qwen2_5_vl", "model").from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        ref = hf.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
+    out = run_world(equal_images_vision_world, 1, hf_dir, batch, timeout_s=300)[0]
+    batched, masked = out[True], out[False]
+    assert batched["merged"].shape == ref.shape == (3 * 16, ref.shape[-1])
+    assert (batched["merged"] - ref).abs().max().item() <= 1e-5
+    assert (batched["merged"] - masked["merged"]).abs().max().item() <= 1e-6
+    assert len(batched["grads"]) == batched["n_params"] == len(masked["grads"])
+    for name, g in masked["grads"].items():
+        assert torch.allclose(batched["grads"][name], g, rtol=1e-5, atol=1e-7), name

@@ -7,7 +7,9 @@ in ``fullatt_block_indexes`` attend within windows of ``window_size`` pixels; HF
 units window by window first (so every window is contiguous) and undoes the order after the merger.
 We reproduce that ordering exactly, and express "attend within a window / within an image" as a
 block-diagonal region over the reordered sequence: a boolean mask on CPU, packed ``cu_seqlens`` with
-Transformer Engine.
+Transformer Engine. On CPU, regions of one length (images of one size, whole windows) run instead as a
+batch of separate sequences [L, R, h]: the same numbers without the (R*L)^2 masked score matrix, which
+made the vision tower most of a training step's attention cost.
 
 The layers are called one by one (full-attention and windowed layers take different regions), so
 what megatron's ``TransformerBlock.forward`` does around its layers is done here too: the FP8
@@ -119,6 +121,19 @@ def block_diagonal_mask(cu_seqlens: torch.Tensor, n: int, device=None) -> torch.
     return (segment[:, None] != segment[None, :]).view(1, 1, n, n)
 
 
+def equal_region_length(cu_seqlens: torch.Tensor) -> Optional[int]:
+    """The common length of the regions ``cu_seqlens`` delimits, or None if they differ (or none)."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    if len(lengths) == 0 or not bool((lengths == lengths[0]).all()):
+        return None
+    return int(lengths[0])
+
+
+def regions_as_batch(x: torch.Tensor, regions: int) -> torch.Tensor:
+    """[R*L, 1, ...] (R equal regions one after another) -> [L, R, ...]: each region one sequence."""
+    return x.view(regions, -1, *x.shape[2:]).transpose(0, 1).contiguous()
+
+
 def packed_params(cu_seqlens: torch.Tensor, device) -> PackedSeqParams:
     cu = cu_seqlens.to(device=device, dtype=torch.int32)
     max_len = int((cu[1:] - cu[:-1]).max())
@@ -182,6 +197,10 @@ class PatchMerger(MegatronModule):
 class Qwen25VisionModel(MegatronModule):
     """Conv3d patch embedding, ``depth`` megatron TransformerLayers, patch merger."""
 
+    #: Local backend: run equal-length regions as a batch (see the module doc). False: always the
+    #: block-diagonal mask; the numbers agree to float rounding (tests compare the two).
+    batch_equal_regions: bool = True
+
     def __init__(self, config: TransformerConfig, layer_spec: ModuleSpec, extras: Qwen25VLExtras, backend: str = "local"):
         super().__init__(config=config)
         self.extras = extras
@@ -204,8 +223,14 @@ class Qwen25VisionModel(MegatronModule):
         self.full_attention_layers = set(extras.fullatt_block_indexes)
 
     def _region_args(self, cu_seqlens: torch.Tensor, n: int, device) -> dict:
+        """Layer arguments for attention within each region; ``regions``: R > 1 where the (local)
+        layer runs the R equal regions as a batch instead (``_run_layers``)."""
         if self.backend == "te":
             return {"attention_mask": None, "packed_seq_params": packed_params(cu_seqlens, device)}
+        length = equal_region_length(cu_seqlens) if self.batch_equal_regions else None
+        if length is not None and length * (len(cu_seqlens) - 1) == n and len(cu_seqlens) > 2:
+            no_mask = torch.zeros(1, 1, length, length, dtype=torch.bool, device=device)
+            return {"attention_mask": no_mask, "regions": len(cu_seqlens) - 1}
         return {"attention_mask": block_diagonal_mask(cu_seqlens, n, device)}
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, layout: Optional[VisionLayout] = None):
@@ -256,10 +281,16 @@ class Qwen25VisionModel(MegatronModule):
         recompute = config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
 
         def layer_fn(layer, args):
+            args = dict(args)
+            regions = args.pop("regions", None)
+            angles = rotary if regions is None else regions_as_batch(rotary, regions)
+
             def run(hidden):
+                if regions is not None:
+                    hidden = regions_as_batch(hidden, regions)
                 with get_fp8_context(config, layer.layer_number - 1) if per_layer else nullcontext():
-                    out, _ = layer(hidden_states=hidden, rotary_pos_emb=rotary, **args)
-                return out
+                    out, _ = layer(hidden_states=hidden, rotary_pos_emb=angles, **args)
+                return out if regions is None else out.transpose(0, 1).reshape(-1, 1, out.shape[-1])
             return run
 
         with get_fp8_context(config) if delayed else nullcontext():

@@ -28,6 +28,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from ..checkpoint.mapping import hub_name, inmemory_name
+from ..runtime import cpu
 from .base import Completion, EngineState, RolloutRequest, SamplingConfig, request_seed, trim_at_stop
 from .processor import checkpoint_stop_token_ids, load_processor, merged_stop_token_ids
 
@@ -189,7 +190,7 @@ class HFRolloutEngine:
             enc = {k: v.to(self.device) for k, v in enc.items()}
             prompt_ids = enc["input_ids"][0].tolist()
             seed = request_seed(sampling.seed, call, first_index + i, sampling.n)
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), cpu.suspended():
                 if seed is not None:
                     torch.manual_seed(seed)
                 out = self.model.generate(**enc, generation_config=generation_config)

@@ -7,9 +7,9 @@ in ``fullatt_block_indexes`` attend within windows of ``window_size`` pixels; HF
 units window by window first (so every window is contiguous) and undoes the order after the merger.
 We reproduce that ordering exactly, and express "attend within a window / within an image" as a
 block-diagonal region over the reordered sequence: a boolean mask on CPU, packed ``cu_seqlens`` with
-Transformer Engine. On CPU, regions of one length (images of one size, whole windows) run instead as a
-batch of separate sequences [L, R, h]: the same numbers without the (R*L)^2 masked score matrix, which
-made the vision tower most of a training step's attention cost.
+Transformer Engine. On CPU, R regions of one length L (images of one size, whole windows) run instead
+as a batch of R sequences [L, R, h]: the same numbers from R times fewer attention scores than the
+(R*L)^2 of one masked sequence.
 
 The layers are called one by one (full-attention and windowed layers take different regions), so
 what megatron's ``TransformerBlock.forward`` does around its layers is done here too: the FP8

@@ -204,8 +204,8 @@ def load_method_configs(config_dir: Path) -> dict[str, str]:
 def build_jobs(work: Path, hf: Path, data: dict, profile: Profile, config_dir: Path, *, seeds: int,
                resume: bool, eval_max_new_tokens: int) -> list[dict]:
     """The world's work list: the base model in three SFT stages (one-object scenes; the base split
-    mixed with existence questions; existence questions, three copies each, mixed with the base
-    split), then every method x seed from the base checkpoint."""
+    mixed with existence questions; existence questions, ``profile.existence_copies`` copies each,
+    mixed with the base split), then every method x seed from the base checkpoint."""
     warm_ckpt = work / "base_warmup" / "checkpoints"
     grounding_ckpt = work / "base_grounding" / "checkpoints"
     base_ckpt = work / "base" / "checkpoints"

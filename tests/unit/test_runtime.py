@@ -62,7 +62,6 @@ def test_cpu_shim_redirects_cuda_calls_and_undoes_them():
         torch.zeros(1, device="cuda")
 
 
-
 def test_cpu_shim_suspension_runs_plain_torch_and_restores_the_mode():
     from torch.overrides import TorchFunctionMode
 
@@ -90,6 +89,7 @@ def test_cpu_shim_suspension_runs_plain_torch_and_restores_the_mode():
         assert torch.ones(1).type() == "torch.cuda.FloatTensor"
     finally:
         cpu.deactivate()
+
 
 def test_cpu_rng_tracker_forks_and_restores():
     tracker = cpu.CpuRNGStatesTracker()

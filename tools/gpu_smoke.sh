@@ -9,7 +9,7 @@ WORK=${SMOKE_WORK:-/tmp/gpu_smoke}
 LOGS=${SMOKE_LOGS:-${OUT:-$WORK}/smoke_logs}
 SITE=${SMOKE_SITE:-/tmp/site}
 
-CHECKS=(setup contracts parity te_fp8 convert train train_te vllm export)
+CHECKS=(setup contracts parity te_fp8 packing convert train train_te train_pack vllm export)
 
 usage() {
   cat <<'EOF'
@@ -36,9 +36,11 @@ describe() {
     contracts) echo "tests/unit/test_gpu_contracts.py: issue-17 contracts (device moves, nccl+gloo groups, vision FP8/recompute)" ;;
     parity) echo "tests/gpu/test_cuda_parity.py: megatron model vs transformers on CUDA, fp32 and bf16, via run_micro_batches" ;;
     te_fp8) echo "tests/gpu/test_te_fp8.py: Transformer Engine spec in bf16 and FP8 hybrid (SKIP without TE)" ;;
+    packing) echo "tests/gpu/test_packed_thd.py: packed == padded on CUDA (local fp32); TE's THD path in BF16 and FP8 (TE part SKIPs without TE)" ;;
     convert) echo "HF -> Megatron -> HF with the converter CLIs on CUDA (tp 1); every tensor bit-identical" ;;
     train) echo "3 steps of the tiny ViSurf config on CUDA (local spec, HF engine, fp32); finite loss each step" ;;
     train_te) echo "3 steps with model.spec=te, bf16, fp8 hybrid (SKIP without TE)" ;;
+    train_pack) echo "3 steps with packed micro-batches (train.max_tokens_per_micro_batch=256): TE bf16 + fp8 hybrid, else local fp32" ;;
     vllm) echo "tests/gpu/test_vllm_engine.py, then 3 steps with rollout.engine=vllm (SKIP without vLLM)" ;;
     export) echo "tests/gpu/test_export_quantized_gpu.py: NVFP4 export within FP4 rounding; vLLM serves the FP8 export (SKIP without modelopt)" ;;
     *) echo "unknown check"; return 1 ;;
@@ -169,6 +171,15 @@ print("\nDETAIL: steps " + ", ".join(f"{r['step']}: loss {r['loss']:.4g} grad_no
 PYEOF
 }
 
+train_packed() {
+  if has_module transformer_engine; then
+    train_steps train_packed model.spec=te model.dtype=bf16 model.fp8=hybrid rollout.engine=hf \
+      train.max_tokens_per_micro_batch=256
+  else
+    train_steps train_packed model.spec=local model.dtype=fp32 rollout.engine=hf train.max_tokens_per_micro_batch=256
+  fi
+}
+
 vllm_check() {
   pytest_run tests/gpu/test_vllm_engine.py && train_steps train_vllm rollout.engine=vllm
 }
@@ -182,12 +193,14 @@ run_check() {
     te_fp8)
       if has_module transformer_engine; then run te_fp8 240 pytest_run tests/gpu/test_te_fp8.py
       else report te_fp8 SKIP 0 "transformer_engine not installed"; fi ;;
+    packing) run packing 300 pytest_run -s tests/gpu/test_packed_thd.py ;;
     convert) run convert 180 convert_round_trip ;;
     train) run train 240 train_steps train model.spec=local model.dtype=fp32 rollout.engine=hf ;;
     train_te)
       if has_module transformer_engine && has_cuda; then
         run train_te 240 train_steps train_te model.spec=te model.dtype=bf16 model.fp8=hybrid rollout.engine=hf
       else report train_te SKIP 0 "needs CUDA and transformer_engine"; fi ;;
+    train_pack) run train_pack 240 train_packed ;;
     vllm)
       if has_module vllm && has_cuda; then
         run vllm 300 vllm_check
@@ -228,7 +241,7 @@ main() {
   mkdir -p "$WORK" "$LOGS"
   export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
   export PY WORK
-  export -f pytest_run tiny_assets convert_round_trip train_steps vllm_check
+  export -f has_module pytest_run tiny_assets convert_round_trip train_steps train_packed vllm_check
   local start
   start=$(date +%s)
   # Without megatron-core nothing else can run.

@@ -457,7 +457,8 @@ def test_gpu_smoke_script_lists_its_checks_and_passes_shellcheck():
     script = root / "tools" / "gpu_smoke.sh"
     out = subprocess.run([str(script), "--dry-run"], capture_output=True, text=True, timeout=60, check=True).stdout
     checks = [line.split()[0] for line in out.splitlines()[1:]]
-    assert checks == ["setup", "contracts", "parity", "te_fp8", "convert", "train", "train_te", "vllm", "export"]
+    assert checks == ["setup", "contracts", "parity", "te_fp8", "packing", "convert", "train", "train_te", "train_pack",
+                      "vllm", "export"]
     only = subprocess.run([str(script), "--dry-run", "--only", "convert,train"], capture_output=True, text=True,
                           timeout=60, check=True).stdout
     assert [line.split()[0] for line in only.splitlines()[1:]] == ["convert", "train"]

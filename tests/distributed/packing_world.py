@@ -168,16 +168,17 @@ def trainer_steps(base: dict, overrides: list[str], steps: int) -> dict:
 
     trainer_module.build_micro_batches = recording
     try:
-        losses = []
+        losses, layout = [], []
         for _ in range(steps):
             metrics = trainer.train_step()
             trainer.step += 1
             losses.append(metrics["loss"])
+            layout.append((metrics["batch/micro_batches"], metrics["batch/real_token_frac"]))
     finally:
         trainer_module.build_micro_batches = build
     trainer.logger.close()
     params = {name: p.detach().clone() for name, p in trainer.chunks[0].named_parameters()}
-    return {"losses": losses, "params": params, "shapes": shapes}
+    return {"losses": losses, "params": params, "shapes": shapes, "layout": layout}
 
 
 def thd_rope_world(hf_dir):

@@ -134,6 +134,14 @@ def test_three_trainer_steps_packed_equal_padded(hf_dir, tmp_path):
         assert worst <= 1e-5, worst
     # The DP ranks ran as many packed micro-batches as each other in every update.
     assert [len(s) for s in packed[0]["shapes"]] == [len(s) for s in packed[1]["shapes"]]
+    # The logged layout: micro-batches per optimizer step (the two mini-batches' builds, after the
+    # old log-probs' one) and the share of stream positions holding a row token, higher packed.
+    for run in (padded[0], packed[0]):
+        for step, (count, _) in enumerate(run["layout"]):
+            builds = run["shapes"][3 * step + 1: 3 * step + 3]
+            assert count == sum(len(b) for b in builds) / 2, (run["layout"], run["shapes"])
+    fills = [(a[1], b[1]) for a, b in zip(padded[0]["layout"], packed[0]["layout"])]
+    assert all(0 < a <= b <= 1 for a, b in fills) and any(a < b for a, b in fills), fills  # equal rows: equal
     print(f"trainer: losses padded {padded[0]['losses']} packed {packed[0]['losses']}, shapes {packed[0]['shapes']}")
 
 

@@ -43,7 +43,7 @@ from .data_feed import PromptFeed, PromptPreparer
 from .forward import run_micro_batches
 from .gt_style_choice import AUTO, candidate_styles, score_gt_styles
 from .metrics import MetricSums, MetricsLogger
-from .packing import build_micro_batches
+from .packing import build_micro_batches, row_length
 from .optimizer import guarded_step, lr_at, set_lr, wrap_and_build_optimizer, zero_grads
 from .update_loss import attach_rows, update_loss_fn
 
@@ -285,6 +285,7 @@ class Trainer:
         for _ in range(cfg.train.epochs_per_batch):
             for mini in mini_batches:
                 micro = build(mini)
+                self._layout_metrics(micro, rows, mini, prompts, sums)
                 if dummy:
                     for mb in micro:
                         mb.loss_mask.zero_()
@@ -292,6 +293,17 @@ class Trainer:
                 self._optimizer_step(micro, info, old_logp, sums, log_rollout_stats=first)
                 first = False
         return {"lr": lr}
+
+    @staticmethod
+    def _layout_metrics(micro, rows, indices, prompts, sums: MetricSums) -> None:
+        """What an optimizer step's micro-batches cost: how many there are, and the share of their
+        token positions that hold a row's token (the rest is padding, or filler micro-batches):
+        the numbers to size ``train.max_tokens_per_micro_batch`` by."""
+        if not experience.is_generating_rank():
+            return  # once per DP replica
+        sums.add("batch/micro_batches", len(micro))
+        real = sum(row_length(rows[i], prompts) for i in indices)
+        sums.add("batch/real_token_frac", real, sum(mb.input_ids.numel() for mb in micro))
 
     def _old_logprobs(self, micro) -> dict[int, torch.Tensor]:
         """Per-row [L] log-probs of the update's rows under the current (old) policy."""

@@ -165,6 +165,6 @@ def test_transformer_engine_thd_packed_matches_padded(tmp_path_factory):
     assert fp8["packed"]["formats"] == [("thd", "cuda")]
     assert torch.isfinite(torch.tensor(fp8["packed"]["loss"]))
     assert all(torch.isfinite(g).all() for g in fp8["packed"]["grads"].values())
-    assert logp_error(fp8, "packed", reference) < float("inf")  # finite on every real token
-    print("DETAIL: te bf16 logp err vs fp32: padded %.4f packed %.4f; fp8 packed loss %.4f vs bf16 %.4f" % (
-        padded_err, logp_error(te, "packed", reference), fp8["packed"]["loss"], te["packed"]["loss"]))
+    fp8_err = logp_error(fp8, "packed", reference)  # fails on a non-finite log-prob of a real token
+    print("DETAIL: TE bf16 |dlogp| vs fp32: padded %.4f packed %.4f; TE fp8 packed %.4f" % (
+        padded_err, logp_error(te, "packed", reference), fp8_err))

@@ -285,7 +285,7 @@ class Trainer:
         for _ in range(cfg.train.epochs_per_batch):
             for mini in mini_batches:
                 micro = build(mini)
-                self._layout_metrics(micro, rows, mini, prompts, sums)
+                self._layout_metrics(micro, rows, [] if dummy else mini, prompts, sums)
                 if dummy:
                     for mb in micro:
                         mb.loss_mask.zero_()

@@ -111,12 +111,29 @@ def update(model, ps, micro, rows, info, paradigm, *, scale_dp):
     return {"logp": logp, "loss": loss, "grads": _grads(model, ps), "vision_passes": passes}
 
 
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def variant_micro_batches(rows, indices, prompts, extras, group, *, budget, multiple) -> dict:
+    """The micro-batches of one update in each layout the packing tests compare: padded (2 rows
+    each), packed with one vision pass per update, packed with one pass per micro-batch."""
+    from visurf_megatron.training.packing import build_micro_batches
+
+    common = dict(image_token_id=extras.image_token_id, pad_id=0, spatial_merge_size=extras.spatial_merge_size,
+                  micro_batch_size=2, multiple=multiple, group=group)
+    return {"padded": build_micro_batches(rows, indices, prompts, **common),
+            "packed": build_micro_batches(rows, indices, prompts, max_tokens=budget, **common),
+            "packed_own_vision": build_micro_batches(rows, indices, prompts, max_tokens=budget, share_vision=False,
+                                                     **common)}
+
+
 def packed_vs_padded(hf_dir, layouts, budget, dp_rows=None):
     """For each (tp, pp, sp): the same ViSurf update padded and packed. ``dp_rows[dp_rank]``: the rows
     this data-parallel rank trains on (default all), so ranks can hold different numbers of rows."""
     from visurf_megatron.algorithm.paradigms import get_paradigm
     from visurf_megatron.training.batching import sequence_multiple
-    from visurf_megatron.training.packing import build_micro_batches, row_length
+    from visurf_megatron.training.packing import row_length
 
     from .qwen_world import build_model
 
@@ -131,23 +148,19 @@ def packed_vs_padded(hf_dir, layouts, budget, dp_rows=None):
         dp_rank = ps.get_data_parallel_rank()
         indices = list(range(len(rows))) if dp_rows is None else dp_rows[dp_rank]
         multiple = sequence_multiple(tp, sp, False)
-        common = dict(image_token_id=extras.image_token_id, pad_id=0, spatial_merge_size=extras.spatial_merge_size,
-                      micro_batch_size=2, multiple=multiple, group=ps.get_data_parallel_group())
-        padded = build_micro_batches(rows, indices, prompts, **common)
-        packed = build_micro_batches(rows, indices, prompts, max_tokens=budget, **common)
-        own = build_micro_batches(rows, indices, prompts, max_tokens=budget, share_vision=False, **common)
+        micro = variant_micro_batches(rows, indices, prompts, extras, ps.get_data_parallel_group(), budget=budget,
+                                      multiple=multiple)
         dp = ps.get_data_parallel_world_size()
         results.append({
             "layout": (tp, pp, sp), "dp_rank": dp_rank, "last_stage": ps.is_pipeline_last_stage(),
             "lengths": {i: row_length(rows[i], prompts) for i in indices},
             "prompt_of": {i: rows[i].prompt for i in indices},
-            "plan": [mb.row_index.tolist() for mb in packed], "stream": tuple(packed[0].input_ids.shape),
+            "plan": [mb.row_index.tolist() for mb in micro["packed"]],
+            "stream": tuple(micro["packed"][0].input_ids.shape),
             "multiple": multiple, "first_stage": ps.is_pipeline_first_stage(),
             "images": sum(int(prompts[p].image_grid_thw.shape[0])
                           for p in {rows[i].prompt for i in indices} if prompts[p].has_images),
-            "padded": update(model, ps, padded, rows, info, paradigm, scale_dp=dp),
-            "packed": update(model, ps, packed, rows, info, paradigm, scale_dp=dp),
-            "packed_own_vision": update(model, ps, own, rows, info, paradigm, scale_dp=dp),
+            **{variant: update(model, ps, mbs, rows, info, paradigm, scale_dp=dp) for variant, mbs in micro.items()},
         })
     return results
 

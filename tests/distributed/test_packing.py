@@ -10,7 +10,7 @@ import torch
 from tools.make_tiny_checkpoint import make_tiny_checkpoint
 from visurf_megatron.runtime.spawn import run_world
 
-from .packing_world import packed_vs_padded
+from .packing_world import packed_vs_padded, relative_error
 
 LOGP_ATOL = 1e-5
 REL = 1e-6
@@ -20,10 +20,6 @@ BUDGET = 160  # tokens per packed stream: rows of ~60-100 tokens, so 1-2 rows pe
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("packing") / "hf", seed=0)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def check(result, *, budget=BUDGET):
@@ -69,7 +65,7 @@ def check_variant(result, variant, budget):
         if ref.norm() == 0:
             assert packed["grads"][name].norm() == 0, name
             continue
-        rel = _rel(packed["grads"][name], ref)
+        rel = relative_error(packed["grads"][name], ref)
         report["grad"] = max(report["grad"], rel)
         assert rel <= REL, (result["layout"], variant, name, rel)
     return report

@@ -22,6 +22,8 @@ import importlib.util
 import pytest
 import torch
 
+from tests.distributed.packing_world import relative_error
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the GPU path of packing)")
 needs_te = pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is None,
                               reason="needs transformer-engine (the `gpu` extra)")
@@ -43,7 +45,7 @@ def packed_gpu_world(hf_dir, names, budget):
     one pass per micro-batch; and the ``qkv_format`` each language attention call received."""
     from megatron.core import parallel_state as ps
 
-    from tests.distributed.packing_world import _row_info, make_prompts, make_rows, update
+    from tests.distributed.packing_world import _row_info, make_prompts, make_rows, update, variant_micro_batches
     from visurf_megatron.algorithm.paradigms import get_paradigm
     from visurf_megatron.checkpoint.hf_import import load_hf_state_dict_into
     from visurf_megatron.checkpoint.safetensors_io import open_hf_checkpoint
@@ -52,7 +54,7 @@ def packed_gpu_world(hf_dir, names, budget):
     from visurf_megatron.models.qwen2_5_vl.specs import fp8_overrides
     from visurf_megatron.runtime import setup_model_parallel
     from visurf_megatron.training.batching import sequence_multiple
-    from visurf_megatron.training.packing import build_micro_batches, row_length
+    from visurf_megatron.training.packing import row_length
 
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -81,12 +83,10 @@ def packed_gpu_world(hf_dir, names, budget):
         info = _row_info(rows, paradigm)
         indices = list(range(len(rows)))
         multiple = sequence_multiple(1, False, bool(fp8))
-        common = dict(image_token_id=extras.image_token_id, pad_id=0, spatial_merge_size=extras.spatial_merge_size,
-                      micro_batch_size=2, multiple=multiple, group=ps.get_data_parallel_group())
         out = {"lengths": {i: row_length(rows[i], prompts) for i in indices}, "multiple": multiple}
-        for variant, extra in (("padded", {}), ("packed", {"max_tokens": budget}),
-                               ("packed_own_vision", {"max_tokens": budget, "share_vision": False})):
-            micro = build_micro_batches(rows, indices, prompts, **common, **extra)
+        variants = variant_micro_batches(rows, indices, prompts, extras, ps.get_data_parallel_group(), budget=budget,
+                                         multiple=multiple)
+        for variant, micro in variants.items():
             formats.clear()
             out[variant] = _to_cpu(update(model, ps, micro, rows, info, paradigm, scale_dp=1))
             out[variant]["formats"] = sorted(set(formats), key=str)
@@ -98,10 +98,6 @@ def packed_gpu_world(hf_dir, names, budget):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return results
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def logp_error(result: dict, variant: str, reference: dict) -> float:
@@ -119,7 +115,7 @@ def grad_error(grads: dict, reference: dict) -> float:
     """Relative error of all gradients as one vector (BF16 makes single small tensors too noisy)."""
     assert set(grads) == set(reference) and reference
     got = torch.cat([grads[k].flatten() for k in sorted(reference)])
-    return _rel(got, torch.cat([reference[k].flatten() for k in sorted(reference)]))
+    return relative_error(got, torch.cat([reference[k].flatten() for k in sorted(reference)]))
 
 
 def _run(tmp_path_factory, names):
@@ -139,7 +135,7 @@ def test_local_spec_packed_equals_padded_in_fp32_on_the_gpu(tmp_path_factory):
         assert abs(r[variant]["loss"] - r["padded"]["loss"]) <= 1e-6 * abs(r["padded"]["loss"]), variant
         for name, ref in r["padded"]["grads"].items():
             if ref.norm() > 0:
-                assert _rel(r[variant]["grads"][name], ref) <= 1e-5, (variant, name)
+                assert relative_error(r[variant]["grads"][name], ref) <= 1e-5, (variant, name)
     assert r["padded"]["formats"] == [None]
     assert r["packed"]["formats"] == [("thd", "cuda")]  # the local spec attends per segment
     assert r["packed"]["vision_passes"] == [3, 3]  # 1 + 2 images, once per schedule run
